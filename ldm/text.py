@@ -1,0 +1,81 @@
+"""The text side: a CLIP tokenizer and CLIPTextModel, pretrained or built from scratch."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+import torch
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+MODEL_MAX_LENGTH = 77  # CLIP's context; without it truncation has no limit to cut at
+
+
+def train_tokenizer(captions: Iterable[str], vocab_size: int, save_dir: str) -> CLIPTokenizer:
+    """Train a byte-level BPE tokenizer on `captions` with CLIP's normalizer, pre-tokenizer
+    and `</w>` end-of-word suffix, and save it so `CLIPTokenizer.from_pretrained` loads it.
+
+    Besides `tokenizer.json` it writes the classic `vocab.json` + `merges.txt` pair, which is
+    what other CLIP loaders look for.
+    """
+    template = CLIPTokenizer(model_max_length=MODEL_MAX_LENGTH)
+    tokenizer = template.train_new_from_iterator(captions, vocab_size=vocab_size)
+    tokenizer.save_pretrained(save_dir)
+    tokenizer.backend_tokenizer.model.save(save_dir)
+    return CLIPTokenizer.from_pretrained(save_dir)
+
+
+def text_encoder_config(tokenizer: CLIPTokenizer, **architecture) -> CLIPTextConfig:
+    """A CLIPTextConfig whose vocabulary and special ids match `tokenizer`.
+
+    The special ids matter: CLIPTextModel pools the hidden state at the first `eos_token_id`.
+    """
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **architecture,
+    )
+
+
+def build_text_encoder(tokenizer: CLIPTokenizer, config_path: str) -> CLIPTextModel:
+    """A randomly initialised CLIPTextModel with the architecture in a `config.json` file."""
+    architecture = CLIPTextConfig.from_json_file(config_path).to_diff_dict()
+    for key in ("vocab_size", "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
+                "model_type", "transformers_version"):
+        architecture.pop(key, None)
+    return CLIPTextModel(text_encoder_config(tokenizer, **architecture))
+
+
+def load_text_components(name_or_path: str, revision: str | None = None):
+    """Tokenizer and text encoder from a pretrained CLIP (a Hub id or a local folder).
+
+    A diffusers pipeline folder keeps them in `tokenizer/` and `text_encoder/` subfolders;
+    a plain CLIP checkpoint keeps both at its root.
+    """
+    is_pipeline = os.path.isfile(os.path.join(name_or_path, "model_index.json")) or _hub_has_model_index(
+        name_or_path, revision)
+    tokenizer_kwargs = {"subfolder": "tokenizer"} if is_pipeline else {}
+    encoder_kwargs = {"subfolder": "text_encoder"} if is_pipeline else {}
+    tokenizer = CLIPTokenizer.from_pretrained(name_or_path, revision=revision, **tokenizer_kwargs)
+    text_encoder = CLIPTextModel.from_pretrained(name_or_path, revision=revision, **encoder_kwargs)
+    return tokenizer, text_encoder
+
+
+def _hub_has_model_index(name_or_path: str, revision: str | None) -> bool:
+    if os.path.isdir(name_or_path):
+        return False
+    from huggingface_hub import file_exists
+
+    try:
+        return file_exists(name_or_path, "model_index.json", revision=revision)
+    except Exception:  # offline or unknown repo: from_pretrained below gives the real error
+        return False
+
+
+def tokenize(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
+    """Token ids padded and truncated to the tokenizer's context length."""
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids

@@ -1,0 +1,74 @@
+"""Tiny, offline components shared by the tests: every model here has hidden sizes of 8-32."""
+
+from __future__ import annotations
+
+import os
+
+# Nothing in the suite may reach a hub; set before any Hugging Face import.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel
+
+from ldm.text import text_encoder_config, train_tokenizer
+
+TINY_CAPTIONS = [
+    "grinning face", "red heart", "blue circle", "thumbs up", "cat face", "dog face",
+    "smiling face with sunglasses", "green apple", "yellow star", "rocket", "pizza", "rainbow",
+]
+
+TINY_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, sample_size=16,
+    down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+    block_out_channels=[8, 16], layers_per_block=1, norm_num_groups=8,
+)  # f = 2
+
+TINY_UNET = dict(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+    block_out_channels=[16, 32], norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4,
+    down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+)
+
+TINY_TEXT_ENCODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, projection_dim=32)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    return train_tokenizer(TINY_CAPTIONS * 4, vocab_size=500, save_dir=str(tmp_path_factory.mktemp("tokenizer")))
+
+
+@pytest.fixture
+def tiny_text_encoder(tiny_tokenizer):
+    torch.manual_seed(0)
+    return CLIPTextModel(text_encoder_config(tiny_tokenizer, **TINY_TEXT_ENCODER)).eval()
+
+
+@pytest.fixture
+def tiny_vae():
+    torch.manual_seed(0)
+    return AutoencoderKL.from_config(TINY_VAE).eval()
+
+
+@pytest.fixture
+def tiny_unet():
+    torch.manual_seed(0)
+    return UNet2DConditionModel.from_config(TINY_UNET).eval()
+
+
+@pytest.fixture
+def tiny_scheduler():
+    return DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                         clip_sample=False, set_alpha_to_one=False)
+
+
+@pytest.fixture
+def tiny_components(tiny_vae, tiny_text_encoder, tiny_tokenizer, tiny_unet, tiny_scheduler):
+    """The five components of a LatentDiffusionPipeline, keyed by their registered names."""
+    return dict(vae=tiny_vae, text_encoder=tiny_text_encoder, tokenizer=tiny_tokenizer,
+                unet=tiny_unet, scheduler=tiny_scheduler)
