@@ -72,3 +72,18 @@ def tiny_components(tiny_vae, tiny_text_encoder, tiny_tokenizer, tiny_unet, tiny
     """The five components of a LatentDiffusionPipeline, keyed by their registered names."""
     return dict(vae=tiny_vae, text_encoder=tiny_text_encoder, tokenizer=tiny_tokenizer,
                 unet=tiny_unet, scheduler=tiny_scheduler)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Built datasets and caches go to a fresh folder per test session (inherited by subprocesses)."""
+    path = str(tmp_path_factory.mktemp("ldm-cache"))
+    os.environ["LDM_CACHE"] = path
+    return path
+
+
+@pytest.fixture(scope="session")
+def openmoji_32(isolated_cache):
+    from ldm.openmoji import load_openmoji
+
+    return load_openmoji(32)

@@ -1,0 +1,192 @@
+"""Typed settings: dataclasses whose defaults come from a YAML file and whose values any
+`--flag value` overrides. Flag names follow diffusers' example scripts.
+
+Everything is checked here, before any model, data or process is touched: unknown keys, wrong
+types and invalid values fail with a message that names the key and the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import yaml
+from transformers import HfArgumentParser
+
+
+class ConfigError(ValueError):
+    """A setting is unknown, of the wrong type, or out of range."""
+
+
+@dataclass
+class DataConfig:
+    """Where image-caption pairs come from and how images are prepared."""
+
+    dataset_name: str = field(default="openmoji", metadata={
+        "help": "'openmoji' (built in), a Hub dataset id, or a local dataset folder or repository"})
+    dataset_config_name: Optional[str] = field(default=None, metadata={"help": "the Hub dataset's configuration"})
+    train_data_dir: Optional[str] = field(default=None, metadata={
+        "help": "an imagefolder with metadata.jsonl or metadata.csv; overrides dataset_name"})
+    image_column: str = "image"
+    caption_column: str = "text"
+    resolution: int = field(default=32, metadata={"help": "images are resized and cropped to this square size"})
+    center_crop: bool = field(default=True, metadata={"help": "center crop; --center_crop false crops at random"})
+    random_flip: bool = field(default=False, metadata={"help": "flip images horizontally at random"})
+    validation_fraction: float = field(default=0.05, metadata={
+        "help": "held-out share when the dataset has no validation split"})
+    max_train_samples: Optional[int] = field(default=None, metadata={"help": "truncate the training set (debugging)"})
+    dataloader_num_workers: int = 0
+    cache_dir: Optional[str] = field(default=None, metadata={
+        "help": "where built datasets and caches live; default $LDM_CACHE or ~/.cache/ldm"})
+
+    def validate(self) -> None:
+        require(self.resolution > 0, "resolution", self.resolution, "a positive number of pixels")
+        require(0 <= self.validation_fraction < 1, "validation_fraction", self.validation_fraction,
+                "a fraction in [0, 1)")
+        require(self.max_train_samples is None or self.max_train_samples > 0, "max_train_samples",
+                self.max_train_samples, "a positive count or null")
+        require(self.dataloader_num_workers >= 0, "dataloader_num_workers", self.dataloader_num_workers,
+                "0 or more")
+        if self.train_data_dir is not None and not os.path.isdir(self.train_data_dir):
+            raise ConfigError(f"train_data_dir {self.train_data_dir!r} is not a folder")
+
+
+@dataclass
+class TrainConfig(DataConfig):
+    """What every training script shares: output, optimisation, precision, checkpoints, logging."""
+
+    output_dir: str = "outputs/run"
+    seed: int = 0
+    train_batch_size: int = 16
+    max_train_steps: int = 1000
+    learning_rate: float = 1e-4
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                          "polynomial"] = "constant_with_warmup"
+    lr_warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 0.0
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping; 0 turns it off"})
+    gradient_accumulation_steps: int = 1
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    use_ema: bool = False
+    ema_decay: float = 0.999
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: Optional[int] = None
+    resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": "'latest' or a checkpoint folder"})
+    validation_steps: int = 500
+    logging_dir: str = field(default="logs", metadata={"help": "TensorBoard folder, relative to output_dir"})
+    report_to: Literal["tensorboard", "none"] = "tensorboard"
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps",
+                     "checkpointing_steps", "validation_steps"):
+            require(getattr(self, name) > 0, name, getattr(self, name), "a positive integer")
+        require(self.learning_rate > 0, "learning_rate", self.learning_rate, "a positive number")
+        require(self.lr_warmup_steps >= 0, "lr_warmup_steps", self.lr_warmup_steps, "0 or more")
+        require(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, "0 (off) or more")
+        require(0 < self.ema_decay < 1, "ema_decay", self.ema_decay, "a number in (0, 1)")
+        require(self.checkpoints_total_limit is None or self.checkpoints_total_limit > 0,
+                "checkpoints_total_limit", self.checkpoints_total_limit, "a positive count or null")
+
+
+def require(ok: bool, key: str, value, valid: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} = {value!r} is invalid; expected {valid}")
+
+
+def require_divisible(resolution: int, factor: int, what: str) -> None:
+    """Images must tile exactly into latents: a VAE with factor f needs sizes divisible by f."""
+    if resolution % factor:
+        raise ConfigError(f"resolution {resolution} is not divisible by the {what} factor {factor}; "
+                          f"use a multiple of {factor} such as {max(factor, resolution // factor * factor)}")
+
+
+ConfigT = typing.TypeVar("ConfigT")
+
+
+def parse_config(config_class: type[ConfigT], argv: list[str] | None = None) -> ConfigT:
+    """`--config file.yaml` sets the defaults; any `--flag value` after it overrides them."""
+    parser = HfArgumentParser(config_class)
+    parser.add_argument("--config", default=None, help="YAML file of defaults (flags override it)")
+    config_path = parser.parse_known_args(argv)[0].config
+    if config_path:
+        parser.set_defaults(**read_yaml(config_path, config_class))
+    config, _namespace, unknown = parser.parse_args_into_dataclasses(
+        argv, return_remaining_strings=True, look_for_args_file=False)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    config.validate()
+    return config
+
+
+def read_yaml(path: str, config_class: type) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    with open(path) as f:
+        values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path!r} must hold a mapping of key: value, not {type(values).__name__}")
+    known = [f.name for f in dataclasses.fields(config_class)]
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(known)}"
+            raise ConfigError(f"unknown key {key!r} in {path}{hint}")
+    check_types(values, typing.get_type_hints(config_class), path)
+    return values
+
+
+def check_types(values: dict, hints: dict, path: str) -> None:
+    """YAML values bypass argparse's conversion, so check each against its annotation."""
+    for key, value in values.items():
+        if not matches(value, hints[key]):
+            raise ConfigError(f"{key} = {value!r} in {path} has the wrong type; expected {describe(hints[key])}")
+
+
+def matches(value, hint) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(matches(value, arg) for arg in args)
+    if origin is Literal:
+        return value in args
+    if origin is list:
+        return isinstance(value, list) and all(matches(item, args[0]) for item in value)
+    if hint is type(None):
+        return value is None
+    if hint is float:  # YAML reads 1e-4 (no dot) as a string; argparse converts it like a flag value
+        return isinstance(value, (int, float)) and not isinstance(value, bool) or is_float_text(value)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def is_float_text(value) -> bool:
+    try:
+        return isinstance(value, str) and float(value) == float(value)
+    except ValueError:
+        return False
+
+
+def describe(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(describe(arg) for arg in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is list:
+        return f"a list of {describe(args[0])}"
+    return "null" if hint is type(None) else hint.__name__
+
+
+def save_config(config, path: str) -> None:
+    """The resolved settings, as YAML that `--config` reads back."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        yaml.safe_dump(dataclasses.asdict(config), f, sort_keys=False)

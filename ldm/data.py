@@ -1,0 +1,179 @@
+"""Image-caption data through 🤗 datasets: the built-in OpenMoji, a Hub id, or an imagefolder.
+
+Images are decoded here rather than by `datasets`, so an unreadable file becomes a skipped row
+(counted, reported) instead of an exception that ends the run.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+from dataclasses import dataclass
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from ldm.config import ConfigError, DataConfig
+from ldm.openmoji import load_openmoji
+
+VALIDATION_SPLITS = ("validation", "valid", "val", "test")
+SPLIT_SEED = 1234  # fixed, so the held-out rows stay the same across runs and machines
+
+
+def load_splits(config: DataConfig) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """The (train, validation) datasets, with image decoding turned off and columns checked."""
+    if config.train_data_dir is not None:
+        raw = datasets.load_dataset("imagefolder", data_dir=config.train_data_dir, cache_dir=config.cache_dir)
+    elif config.dataset_name == "openmoji":
+        raw = load_openmoji(config.resolution, config.cache_dir)
+    else:
+        raw = datasets.load_dataset(config.dataset_name, config.dataset_config_name, cache_dir=config.cache_dir)
+    train, validation = split(raw, config.validation_fraction)
+    if config.max_train_samples is not None:
+        train = train.select(range(min(config.max_train_samples, len(train))))
+    return tuple(undecoded(part, config) for part in (train, validation))
+
+
+def split(raw: datasets.DatasetDict, validation_fraction: float) -> tuple[datasets.Dataset, datasets.Dataset]:
+    if "train" not in raw:
+        raise ConfigError(f"the dataset has no 'train' split; it has: {', '.join(raw)}")
+    held_out = next((name for name in VALIDATION_SPLITS if name in raw), None)
+    if held_out is not None:
+        return raw["train"], raw[held_out]
+    if validation_fraction == 0 or len(raw["train"]) < 2:
+        return raw["train"], raw["train"].select([])
+    parts = raw["train"].train_test_split(test_size=validation_fraction, seed=SPLIT_SEED, shuffle=True)
+    return parts["train"], parts["test"]
+
+
+def undecoded(dataset: datasets.Dataset, config: DataConfig) -> datasets.Dataset:
+    """Check both columns exist, and keep images as bytes/paths so we decode them ourselves."""
+    for key, column in (("image_column", config.image_column), ("caption_column", config.caption_column)):
+        if column not in dataset.column_names:
+            raise ConfigError(f"{key} {column!r} is not in the dataset; its columns are: "
+                              f"{', '.join(dataset.column_names)}")
+    if isinstance(dataset.features[config.image_column], datasets.Image):
+        dataset = dataset.cast_column(config.image_column, datasets.Image(decode=False))
+    return dataset
+
+
+def open_rgb(image) -> Image.Image:
+    """Decode any stored image (bytes, path or PIL) to RGB, compositing transparency on white.
+
+    Raises OSError (or ValueError) for unreadable, truncated or empty files.
+    """
+    if isinstance(image, dict):
+        image = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
+    picture = image if isinstance(image, Image.Image) else Image.open(image)
+    picture.load()  # decode now: a truncated file fails here, not later in a worker
+    picture = ImageOps.exif_transpose(picture)
+    return to_rgb(picture)
+
+
+def to_rgb(picture: Image.Image) -> Image.Image:
+    if picture.mode.startswith("I") or picture.mode == "F":
+        # 16- and 32-bit greys: PIL's convert clips at 255, which turns them white. Rescale instead.
+        values = np.asarray(picture, dtype=np.float64)
+        peak = 65535.0 if values.max() > 255 else 255.0
+        picture = Image.fromarray(np.clip(values / peak * 255.0, 0, 255).astype(np.uint8), mode="L")
+    if picture.mode in ("RGBA", "LA", "PA") or (picture.mode == "P" and "transparency" in picture.info):
+        rgba = picture.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return picture.convert("RGB")
+
+
+@dataclass
+class ImageTransform:
+    """Resize the short side, crop square, optionally flip, scale to [-1, 1] (CHW float)."""
+
+    resolution: int
+    center_crop: bool = True
+    random_flip: bool = False
+
+    def __call__(self, picture: Image.Image, flip: bool | None = None) -> torch.Tensor:
+        scale = self.resolution / min(picture.size)
+        size = (max(self.resolution, round(picture.width * scale)), max(self.resolution, round(picture.height * scale)))
+        if size != picture.size:
+            picture = picture.resize(size, Image.Resampling.BICUBIC)
+        picture = picture.crop(self.crop_box(picture.size))
+        if flip if flip is not None else (self.random_flip and random.random() < 0.5):
+            picture = picture.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        array = np.asarray(picture, dtype=np.float32) / 127.5 - 1.0
+        return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+    def crop_box(self, size: tuple[int, int]) -> tuple[int, int, int, int]:
+        spare_x, spare_y = size[0] - self.resolution, size[1] - self.resolution
+        if self.center_crop:
+            left, top = spare_x // 2, spare_y // 2
+        else:
+            left, top = random.randint(0, spare_x), random.randint(0, spare_y)
+        return left, top, left + self.resolution, top + self.resolution
+
+
+class ImageCaptionDataset(torch.utils.data.Dataset):
+    """Rows of {'pixel_values', 'caption', 'index'}; a row whose image cannot be read is None."""
+
+    def __init__(self, rows: datasets.Dataset, image_column: str, caption_column: str, transform: ImageTransform):
+        self.rows, self.transform = rows, transform
+        self.image_column, self.caption_column = image_column, caption_column
+
+    @classmethod
+    def from_config(cls, rows: datasets.Dataset, config: DataConfig, train: bool = True) -> "ImageCaptionDataset":
+        transform = ImageTransform(config.resolution, center_crop=config.center_crop or not train,
+                                   random_flip=config.random_flip and train)
+        return cls(rows, config.image_column, config.caption_column, transform)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict | None:
+        row = self.rows[index]
+        try:
+            picture = open_rgb(row[self.image_column])
+        except (OSError, ValueError, SyntaxError):  # PIL raises all three for damaged files
+            return {"index": index, "skipped": True}
+        return {"index": index, "pixel_values": self.transform(picture), "caption": pick_caption(row[self.caption_column])}
+
+
+def pick_caption(caption) -> str:
+    """A row may hold several captions; each epoch sees one of them at random."""
+    if isinstance(caption, (list, tuple)):
+        return random.choice(caption) if caption else ""
+    return caption or ""
+
+
+def collate(rows: list[dict]) -> dict:
+    """Stack the readable rows; report the indices of skipped ones so the trainer can count them."""
+    good = [row for row in rows if not row.get("skipped")]
+    return {
+        "pixel_values": torch.stack([row["pixel_values"] for row in good]) if good else torch.empty(0),
+        "captions": [row["caption"] for row in good],
+        "indices": [row["index"] for row in good],
+        "skipped": [row["index"] for row in rows if row.get("skipped")],
+    }
+
+
+class SkipCounter:
+    """Distinct rows that could not be read, over a whole run."""
+
+    def __init__(self):
+        self.rows: set[int] = set()
+
+    def update(self, batch: dict) -> None:
+        self.rows.update(batch["skipped"])
+
+    def report(self) -> str:
+        return f"skipped {len(self.rows)} unreadable image(s)" + (
+            f" (rows {sorted(self.rows)[:20]})" if self.rows else "")
+
+
+def dataloader(dataset: ImageCaptionDataset, batch_size: int, shuffle: bool, num_workers: int = 0,
+               drop_last: bool = False) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate,
+                                       num_workers=num_workers, drop_last=drop_last,
+                                       persistent_workers=num_workers > 0)
+
