@@ -190,3 +190,110 @@ def save_config(config, path: str) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         yaml.safe_dump(dataclasses.asdict(config), f, sort_keys=False)
+
+
+@dataclass
+class VAEConfig(TrainConfig):
+    """train_vae.py: an AutoencoderKL trained with the LDM recipe (Rombach et al. 2022, appendix G)."""
+
+    vae_config: str = field(default="configs/models/vae_demo.json", metadata={
+        "help": "a diffusers AutoencoderKL config.json: the architecture to train from scratch"})
+    pretrained_vae_model_name_or_path: Optional[str] = field(default=None, metadata={
+        "help": "fine-tune this VAE (local folder or Hub id); its own architecture is used, not vae_config"})
+    output_dir: str = "outputs/vae"
+    adam_beta1: float = 0.5  # LDM's autoencoder betas (0.5, 0.9), as for GANs
+    adam_beta2: float = 0.9
+    reconstruction_loss: Literal["l1", "l2"] = "l1"
+    kl_weight: float = field(default=1e-6, metadata={"help": "weight of the KL term on the latent posterior"})
+    lpips_weight: float = field(default=0.0, metadata={
+        "help": "weight of the LPIPS perceptual loss (LDM: 1.0); needs the lpips package and its weights locally"})
+    use_discriminator: bool = field(default=False, metadata={"help": "add a PatchGAN discriminator (hinge loss)"})
+    disc_start: int = field(default=0, metadata={"help": "optimizer step at which the discriminator switches on"})
+    disc_weight: float = field(default=0.5, metadata={"help": "multiplies the adaptive GAN weight"})
+    disc_learning_rate: Optional[float] = field(default=None, metadata={"help": "default: learning_rate"})
+    disc_channels: int = field(default=64, metadata={"help": "width of the discriminator's first layer"})
+    disc_layers: int = field(default=3, metadata={"help": "strided conv layers of the discriminator"})
+    scale_batches: Optional[int] = field(default=None, metadata={
+        "help": "batches (of train_batch_size, all processes together) to measure the latent scale on; "
+                "default: the whole training set"})
+    latent_channel_stats: bool = field(default=False, metadata={
+        "help": "also write per-channel latents_mean and latents_std into the VAE's config.json"})
+    max_validation_samples: Optional[int] = field(default=None, metadata={
+        "help": "held-out images to compute PSNR and SSIM on; default: all of them"})
+    num_validation_images: int = field(default=8, metadata={"help": "originals/reconstructions in the image grid"})
+
+    def validate(self) -> None:
+        super().validate()
+        if self.pretrained_vae_model_name_or_path is None and not os.path.isfile(self.vae_config):
+            raise ConfigError(f"vae_config {self.vae_config!r} is not a file; give a diffusers config.json "
+                              "(see configs/models/) or --pretrained_vae_model_name_or_path")
+        for name in ("kl_weight", "lpips_weight", "disc_weight", "disc_start"):
+            require(getattr(self, name) >= 0, name, getattr(self, name), "0 or more")
+        for name in ("disc_channels", "disc_layers"):
+            require(getattr(self, name) > 0, name, getattr(self, name), "a positive integer")
+        for name in ("disc_learning_rate", "scale_batches", "max_validation_samples"):
+            value = getattr(self, name)
+            require(value is None or value > 0, name, value, "a positive number or null")
+        require(self.num_validation_images >= 0, "num_validation_images", self.num_validation_images, "0 or more")
+        # The PatchGAN halves the image disc_layers times, then two 4x4 convolutions trim a pixel each.
+        require(not self.use_discriminator or self.resolution // 2 ** self.disc_layers >= 3, "disc_layers",
+                self.disc_layers, f"fewer layers: {self.resolution} px images shrink to nothing in the discriminator")
+        require(not self.use_discriminator or self.disc_start < self.max_train_steps, "disc_start", self.disc_start,
+                f"a step before max_train_steps = {self.max_train_steps}, or the discriminator never trains")
+
+
+@dataclass
+class UNetConfig(TrainConfig):
+    """train_unet.py: a text-conditioned UNet2DConditionModel on the latents of a frozen VAE."""
+
+    unet_config: str = field(default="configs/models/unet_demo.json", metadata={
+        "help": "a diffusers UNet2DConditionModel config.json: the architecture to train from scratch"})
+    pretrained_model_name_or_path: Optional[str] = field(default=None, metadata={
+        "help": "fine-tune this pipeline folder/Hub id (its unet/) or UNet folder, instead of unet_config"})
+    pretrained_vae_model_name_or_path: str = field(default="outputs/vae", metadata={
+        "help": "the frozen VAE: a train_vae.py output folder or a Hub id"})
+    text_encoder_name_or_path: Optional[str] = field(default=None, metadata={
+        "help": "a pretrained CLIP (Hub id or folder) to use frozen; default: train a tokenizer on the "
+                "captions and build a text encoder from text_encoder_config"})
+    text_encoder_config: str = field(default="configs/models/text_encoder_demo.json", metadata={
+        "help": "CLIPTextConfig architecture of the from-scratch text encoder"})
+    tokenizer_vocab_size: int = field(default=2048, metadata={"help": "BPE vocabulary of the from-scratch tokenizer"})
+    tokenizer_max_length: int = field(default=77, metadata={"help": "context of the from-scratch tokenizer"})
+    train_text_encoder: bool = field(default=False, metadata={
+        "help": "train the from-scratch text encoder jointly (pretrained encoders stay frozen)"})
+    revision: Optional[str] = field(default=None, metadata={"help": "Hub revision of the pretrained models"})
+    output_dir: str = "outputs/unet"
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
+    snr_gamma: Optional[float] = field(default=5.0, metadata={"help": "min-SNR-gamma weighting; null turns it off"})
+    noise_offset: float = 0.0
+    input_perturbation: float = 0.0
+    zero_terminal_snr: bool = False
+    caption_dropout: float = field(default=0.1, metadata={"help": "share of captions replaced by '' (for CFG)"})
+    cache_latents: bool = field(default=True, metadata={
+        "help": "encode images and captions once into on-disk caches; false encodes every step"})
+    gradient_checkpointing: bool = False
+    use_8bit_adam: bool = False
+    validation_prompts: list[str] = field(default_factory=lambda: ["grinning face", "red heart"])
+    validation_guidance_scale: float = 5.0
+    validation_inference_steps: int = 25
+    loss_bins: int = field(default=10, metadata={"help": "timestep bins the loss is logged in"})
+
+    def validate(self) -> None:
+        super().validate()
+        if self.pretrained_model_name_or_path is None and not os.path.isfile(self.unet_config):
+            raise ConfigError(f"unet_config {self.unet_config!r} is not a file; give a diffusers config.json "
+                              "(see configs/models/) or --pretrained_model_name_or_path")
+        if self.text_encoder_name_or_path is None and not os.path.isfile(self.text_encoder_config):
+            raise ConfigError(f"text_encoder_config {self.text_encoder_config!r} is not a file")
+        require(0 <= self.caption_dropout < 1, "caption_dropout", self.caption_dropout, "a fraction in [0, 1)")
+        require(self.snr_gamma is None or self.snr_gamma > 0, "snr_gamma", self.snr_gamma, "a positive number or null")
+        for name in ("noise_offset", "input_perturbation"):
+            require(getattr(self, name) >= 0, name, getattr(self, name), "0 or more")
+        for name in ("tokenizer_vocab_size", "tokenizer_max_length", "validation_inference_steps", "loss_bins"):
+            require(getattr(self, name) > 0, name, getattr(self, name), "a positive integer")
+        require(self.tokenizer_vocab_size > 258, "tokenizer_vocab_size", self.tokenizer_vocab_size,
+                "more than 258 (256 byte tokens and 2 special tokens come first)")
+        require(not (self.cache_latents and not self.center_crop), "center_crop", self.center_crop,
+                "true while cache_latents is on: a random crop differs every epoch and cannot be cached")
+        require(not (self.train_text_encoder and self.text_encoder_name_or_path), "train_text_encoder",
+                self.train_text_encoder, "false with a pretrained text encoder, which stays frozen")

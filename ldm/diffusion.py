@@ -100,3 +100,28 @@ def drop_conditioning(conditioning: torch.Tensor, empty: torch.Tensor, probabili
     keep = torch.rand(conditioning.shape[0], generator=generator, device=conditioning.device) >= probability
     keep = keep.view(-1, *[1] * (conditioning.dim() - 1))
     return torch.where(keep, conditioning, empty.to(conditioning.dtype).expand_as(conditioning))
+
+
+def latent_normalisation(vae_config) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+    """(shift, scale) with diffusion-space latents = (z - shift) * scale, from a VAE's config:
+    per-channel `latents_mean`/`latents_std` when set, else `shift_factor` and `scaling_factor`."""
+    if vae_config.get("latents_mean") is not None and vae_config.get("latents_std") is not None:
+        shift = torch.tensor(vae_config["latents_mean"]).view(1, -1, 1, 1)
+        return shift, vae_config["scaling_factor"] / torch.tensor(vae_config["latents_std"]).view(1, -1, 1, 1)
+    return vae_config.get("shift_factor") or 0.0, vae_config["scaling_factor"]
+
+
+def normalise_latents(latents: torch.Tensor, vae_config) -> torch.Tensor:
+    """VAE latents to the unit-variance space the UNet is trained in."""
+    shift, scale = latent_normalisation(vae_config)
+    return (latents - _on(shift, latents)) * _on(scale, latents)
+
+
+def denormalise_latents(latents: torch.Tensor, vae_config) -> torch.Tensor:
+    """The inverse of `normalise_latents`: what the VAE decoder takes."""
+    shift, scale = latent_normalisation(vae_config)
+    return latents / _on(scale, latents) + _on(shift, latents)
+
+
+def _on(value, like: torch.Tensor):
+    return value.to(like) if isinstance(value, torch.Tensor) else value

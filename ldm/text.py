@@ -11,14 +11,16 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 MODEL_MAX_LENGTH = 77  # CLIP's context; without it truncation has no limit to cut at
 
 
-def train_tokenizer(captions: Iterable[str], vocab_size: int, save_dir: str) -> CLIPTokenizer:
+def train_tokenizer(captions: Iterable[str], vocab_size: int, save_dir: str,
+                    max_length: int = MODEL_MAX_LENGTH) -> CLIPTokenizer:
     """Train a byte-level BPE tokenizer on `captions` with CLIP's normalizer, pre-tokenizer
     and `</w>` end-of-word suffix, and save it so `CLIPTokenizer.from_pretrained` loads it.
+    A `max_length` below CLIP's 77 suits short captions: attention cost grows with the context.
 
     Besides `tokenizer.json` it writes the classic `vocab.json` + `merges.txt` pair, which is
     what other CLIP loaders look for.
     """
-    template = CLIPTokenizer(model_max_length=MODEL_MAX_LENGTH)
+    template = CLIPTokenizer(model_max_length=max_length)
     tokenizer = template.train_new_from_iterator(captions, vocab_size=vocab_size)
     tokenizer.save_pretrained(save_dir)
     tokenizer.backend_tokenizer.model.save(save_dir)

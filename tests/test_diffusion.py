@@ -80,3 +80,20 @@ def test_caption_dropout_rate():
 def test_loss_by_timestep_bin():
     bins = loss_by_timestep_bin(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([0, 99, 100, 999]), 1000)
     assert bins == {0: (3.0, 2), 1: (3.0, 1), 9: (4.0, 1)}
+
+
+@pytest.mark.parametrize("vae_config", [
+    {"scaling_factor": 0.5},
+    {"scaling_factor": 0.5, "shift_factor": 0.1},
+    {"scaling_factor": 0.5, "latents_mean": [0.1, -0.2, 0.0, 0.3], "latents_std": [1.0, 2.0, 0.5, 1.5]},
+])
+def test_latent_normalisation_round_trips(vae_config):
+    from ldm.diffusion import denormalise_latents, normalise_latents
+
+    z = torch.randn(2, 4, 3, 3)
+    normalised = normalise_latents(z, vae_config)
+    torch.testing.assert_close(denormalise_latents(normalised, vae_config), z)
+    if "latents_std" in vae_config:  # channel 1: (z + 0.2) * 0.5 / 2
+        torch.testing.assert_close(normalised[:, 1], (z[:, 1] + 0.2) * 0.25)
+    else:
+        torch.testing.assert_close(normalised, (z - vae_config.get("shift_factor", 0.0)) * 0.5)
