@@ -87,3 +87,13 @@ def openmoji_32(isolated_cache):
     from ldm.openmoji import load_openmoji
 
     return load_openmoji(32)
+
+
+@pytest.fixture
+def single_thread():
+    """One torch thread for the test. Tiny models run fastest on one, and on a busy 2-core machine
+    two threads spin-wait on each other: the pipeline tests took 136 s with two, 12 s with one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
