@@ -94,38 +94,64 @@ class ImageTransform:
     center_crop: bool = True
     random_flip: bool = False
 
-    def __call__(self, picture: Image.Image, flip: bool | None = None) -> torch.Tensor:
+    def __call__(self, picture: Image.Image, rng: random.Random | None = None, flip: bool | None = None) -> torch.Tensor:
+        """`rng` draws the random crop and flip; `flip` forces the flip either way."""
+        rng = rng or random.Random(0)
         scale = self.resolution / min(picture.size)
         size = (max(self.resolution, round(picture.width * scale)), max(self.resolution, round(picture.height * scale)))
         if size != picture.size:
             picture = picture.resize(size, Image.Resampling.BICUBIC)
-        picture = picture.crop(self.crop_box(picture.size))
-        if flip if flip is not None else (self.random_flip and random.random() < 0.5):
+        picture = picture.crop(self.crop_box(picture.size, rng))
+        if flip if flip is not None else (self.random_flip and rng.random() < 0.5):
             picture = picture.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         array = np.asarray(picture, dtype=np.float32) / 127.5 - 1.0
         return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
-    def crop_box(self, size: tuple[int, int]) -> tuple[int, int, int, int]:
+    def crop_box(self, size: tuple[int, int], rng: random.Random) -> tuple[int, int, int, int]:
         spare_x, spare_y = size[0] - self.resolution, size[1] - self.resolution
         if self.center_crop:
             left, top = spare_x // 2, spare_y // 2
         else:
-            left, top = random.randint(0, spare_x), random.randint(0, spare_y)
+            left, top = rng.randint(0, spare_x), rng.randint(0, spare_y)
         return left, top, left + self.resolution, top + self.resolution
 
 
-class ImageCaptionDataset(torch.utils.data.Dataset):
-    """Rows of {'pixel_values', 'caption', 'index'}; a row whose image cannot be read is None."""
+def row_random(seed: int, epoch: int, index: int) -> random.Random:
+    """The random choices for one row in one epoch (crop, flip, caption), from (seed, epoch, row)
+    alone. Drawing them from the global RNG instead would tie them to the order rows are fetched
+    in, which a resumed run (it skips seen batches unfetched) or a prefetching loader changes."""
+    return random.Random(f"{seed}/{epoch}/{index}")
 
-    def __init__(self, rows: datasets.Dataset, image_column: str, caption_column: str, transform: ImageTransform):
-        self.rows, self.transform = rows, transform
+
+class EpochDataset(torch.utils.data.Dataset):
+    """A dataset whose random choices depend on the epoch; trainers call `set_epoch` each epoch.
+    (Loaders must not keep persistent workers, whose copies would not see the new epoch.)"""
+
+    seed: int = 0
+    epoch: int = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def random_for(self, index: int) -> random.Random:
+        return row_random(self.seed, self.epoch, index)
+
+
+class ImageCaptionDataset(EpochDataset):
+    """Rows of {'pixel_values', 'caption', 'index'}, or {'index', 'skipped'} for an unreadable image."""
+
+    def __init__(self, rows: datasets.Dataset, image_column: str, caption_column: str, transform: ImageTransform,
+                 seed: int = 0):
+        self.rows, self.transform, self.seed = rows, transform, seed
         self.image_column, self.caption_column = image_column, caption_column
 
     @classmethod
-    def from_config(cls, rows: datasets.Dataset, config: DataConfig, train: bool = True) -> "ImageCaptionDataset":
+    def from_config(cls, rows: datasets.Dataset, config: DataConfig, train: bool = True,
+                    seed: int = 0) -> "ImageCaptionDataset":
+        """Training rows get the configured random crop and flip; others are center-cropped."""
         transform = ImageTransform(config.resolution, center_crop=config.center_crop or not train,
                                    random_flip=config.random_flip and train)
-        return cls(rows, config.image_column, config.caption_column, transform)
+        return cls(rows, config.image_column, config.caption_column, transform, seed)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -136,13 +162,15 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             picture = open_rgb(row[self.image_column])
         except (OSError, ValueError, SyntaxError):  # PIL raises all three for damaged files
             return {"index": index, "skipped": True}
-        return {"index": index, "pixel_values": self.transform(picture), "caption": pick_caption(row[self.caption_column])}
+        rng = self.random_for(index)
+        return {"index": index, "pixel_values": self.transform(picture, rng),
+                "caption": pick_caption(row[self.caption_column], rng)}
 
 
-def pick_caption(caption) -> str:
+def pick_caption(caption, rng: random.Random) -> str:
     """A row may hold several captions; each epoch sees one of them at random."""
     if isinstance(caption, (list, tuple)):
-        return random.choice(caption) if caption else ""
+        return rng.choice(caption) if caption else ""
     return caption or ""
 
 
@@ -174,6 +202,5 @@ class SkipCounter:
 def dataloader(dataset: ImageCaptionDataset, batch_size: int, shuffle: bool, num_workers: int = 0,
                drop_last: bool = False) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate,
-                                       num_workers=num_workers, drop_last=drop_last,
-                                       persistent_workers=num_workers > 0)
+                                       num_workers=num_workers, drop_last=drop_last)
 
