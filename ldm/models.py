@@ -1,0 +1,56 @@
+"""Models from diffusers `config.json` files (an architecture, random weights) or from pretrained
+folders and Hub ids (weights too).
+
+Architectures are checked before anything is built: diffusers only warns about a key it does not
+know and then uses the default, so a typo such as `laten_channels` would silently train the wrong model.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+
+from diffusers import AutoencoderKL
+
+from ldm.config import ConfigError, VAEConfig
+
+
+def read_architecture(path: str, model_class: type) -> dict:
+    """A diffusers config.json for `model_class`, with every key checked against its constructor."""
+    try:
+        with open(path) as f:
+            architecture = json.load(f)
+    except (OSError, json.JSONDecodeError) as error:
+        raise ConfigError(f"cannot read the model config {path!r}: {error}") from error
+    check_architecture(architecture, model_class, path)
+    return architecture
+
+
+def check_architecture(architecture: dict, model_class: type, source: str) -> None:
+    named = architecture.get("_class_name", model_class.__name__)
+    if named != model_class.__name__:
+        raise ConfigError(f"{source} describes a {named}, not a {model_class.__name__}")
+    known = set(inspect.signature(model_class.__init__).parameters) - {"self"}
+    unknown = sorted(key for key in architecture if not key.startswith("_") and key not in known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown {model_class.__name__} key(s) {', '.join(unknown)}; "
+                          f"valid keys: {', '.join(sorted(known))}")
+
+
+def vae_architecture(config: VAEConfig) -> dict:
+    """The architecture train_vae.py will train: the pretrained model's, or `vae_config`'s."""
+    if config.pretrained_vae_model_name_or_path is not None:
+        return dict(AutoencoderKL.load_config(config.pretrained_vae_model_name_or_path))
+    return read_architecture(config.vae_config, AutoencoderKL)
+
+
+def vae_scale_factor(architecture: dict) -> int:
+    """Each down block but the last halves the image: f = 2^(blocks - 1)."""
+    return 2 ** (len(architecture.get("block_out_channels", (64,))) - 1)
+
+
+def load_vae(config: VAEConfig, architecture: dict) -> AutoencoderKL:
+    """Pretrained weights for fine-tuning, or a freshly initialised model of `architecture`."""
+    if config.pretrained_vae_model_name_or_path is not None:
+        return AutoencoderKL.from_pretrained(config.pretrained_vae_model_name_or_path)
+    return AutoencoderKL.from_config(architecture)

@@ -1,0 +1,261 @@
+"""What both trainers share and what is not the training loop: the Accelerator, optimizer and LR
+schedule, atomic checkpoints and exact resume, EMA, the NaN guard, a throughput meter, per-batch
+noise, and evaluation split across processes.
+
+Exact resume rests on four things: the shuffle order of epoch e depends on (seed, e) only
+(`make_accelerator`), so do a row's random crop and flip (ldm.data's EpochDataset, told the epoch
+by `resumed_batches`), the noise of a batch depends on (seed, process, batch) only
+(`batch_generator`), and `resume_state` returns how many batches of the resumed epoch were seen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import itertools
+import os
+import re
+import shutil
+import time
+from collections import deque
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+
+from ldm.config import ConfigError, TrainConfig, save_config
+from ldm.data import SkipCounter
+
+logger = get_logger(__name__)
+
+CHECKPOINT = re.compile(r"checkpoint-(\d+)")  # a complete checkpoint; anything else in output_dir is not one
+PARTIAL_SUFFIX = ".partial"  # being written; renamed to checkpoint-<step> only once complete
+RUN_CONFIG = "training_config.yaml"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite: training diverged."""
+
+
+def make_accelerator(config: TrainConfig, run_name: str = "train") -> Accelerator:
+    """An Accelerator for `config`, its trackers started and every RNG seeded."""
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=config.mixed_precision,
+        log_with="tensorboard" if config.report_to == "tensorboard" else None,
+        project_config=ProjectConfiguration(project_dir=config.output_dir,
+                                            logging_dir=os.path.join(config.output_dir, config.logging_dir)),
+        # Epoch e is shuffled by a generator seeded with seed + e, not by the global RNG, so a
+        # resumed run replays the same order and can skip the batches it has already seen.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
+    )
+    launched = int(os.environ.get("WORLD_SIZE", 1))
+    if launched != accelerator.num_processes:
+        raise RuntimeError(f"{launched} processes were launched but Accelerate sees {accelerator.num_processes}: "
+                           "each would train alone and overwrite the others' files. On CPU, set "
+                           "ACCELERATE_USE_CPU=true (with accelerate launch --multi_gpu --num_processes N)")
+    set_seed(config.seed)
+    # TensorBoard's hparams take scalars only.
+    hparams = {k: v for k, v in dataclasses.asdict(config).items() if isinstance(v, (bool, int, float, str))}
+    accelerator.init_trackers(run_name, config=hparams)
+    return accelerator
+
+
+def make_optimizer(parameters, config: TrainConfig, accelerator: Accelerator, learning_rate: float | None = None,
+                   training_steps: int | None = None, optimizer_class: type = torch.optim.AdamW):
+    """AdamW (or another Adam-like `optimizer_class`) and the configured LR schedule (warmup,
+    decay) from diffusers.optimization."""
+    optimizer = optimizer_class(parameters, lr=learning_rate or config.learning_rate,
+                                  betas=(config.adam_beta1, config.adam_beta2),
+                                  weight_decay=config.adam_weight_decay)
+    # A prepared scheduler steps once per process for each optimizer step (AcceleratedScheduler),
+    # so its lengths are counted in those units.
+    scheduler = get_scheduler(config.lr_scheduler, optimizer,
+                              num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+                              num_training_steps=(training_steps or config.max_train_steps) * accelerator.num_processes)
+    return optimizer, scheduler
+
+
+def make_ema(model: torch.nn.Module, config: TrainConfig, accelerator: Accelerator) -> EMAModel | None:
+    """An exponential moving average of `model`'s weights, saved and restored with every checkpoint."""
+    if not config.use_ema:
+        return None
+    ema = EMAModel(model.parameters(), decay=config.ema_decay, model_cls=type(model), model_config=model.config)
+    ema.to(accelerator.device)
+    accelerator.register_for_checkpointing(ema)
+    return ema
+
+
+@contextlib.contextmanager
+def averaged_weights(ema: EMAModel | None, model: torch.nn.Module):
+    """Inside, `model` holds the EMA weights (when there is an EMA); its own come back after."""
+    if ema is None:
+        yield model
+        return
+    ema.store(model.parameters())
+    ema.copy_to(model.parameters())
+    try:
+        yield model
+    finally:
+        ema.restore(model.parameters())
+
+
+def check_finite(loss: torch.Tensor, step: int) -> None:
+    """Stop at the first NaN or infinite loss, before it reaches the weights or a checkpoint."""
+    if not torch.isfinite(loss).all():
+        raise NonFiniteLossError(
+            f"the loss is {loss.detach().float().cpu().tolist()} at step {step}: training diverged. It stopped "
+            "before that step's update, so the last checkpoint is intact; resume from it with a lower "
+            "learning_rate (or max_grad_norm), or check the data")
+
+
+def batch_generator(seed: int, process_index: int, batch_number: int, device: torch.device) -> torch.Generator:
+    """A generator for one batch's noise, seeded by (seed, process, batch) alone.
+
+    The global RNG is also drawn on by things a resumed run does differently (each DataLoader
+    iterator takes a seed from it), so noise from it could not be replayed exactly.
+    """
+    digest = hashlib.sha256(f"{seed}/{process_index}/{batch_number}".encode()).digest()
+    return torch.Generator(device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def unreadable_rows(skipped: SkipCounter, length: int, accelerator: Accelerator) -> list[int]:
+    """The rows that any process found unreadable, each once. A tensor reduce, not gather_object,
+    whose pending gloo work can deadlock the process group's shutdown on CPU."""
+    seen = torch.zeros(length, device=accelerator.device)
+    seen[sorted(skipped.rows)] = 1.0
+    return accelerator.reduce(seen, "sum").nonzero().flatten().tolist()
+
+
+def shard(dataset: torch.utils.data.Dataset, accelerator: Accelerator) -> torch.utils.data.Subset:
+    """This process's share of `dataset` for evaluation: every row exactly once over all processes
+    (a prepared loader would pad the last batch with repeats)."""
+    return torch.utils.data.Subset(dataset, range(accelerator.process_index, len(dataset), accelerator.num_processes))
+
+
+class Throughput:
+    """Images per second over the last `window` optimizer steps, all processes together."""
+
+    def __init__(self, window: int = 20):
+        self.marks: deque[tuple[float, int]] = deque(maxlen=window + 1)
+        self.restart()
+
+    def restart(self) -> None:
+        """Forget the past, e.g. after a pause for validation or a checkpoint."""
+        self.marks.clear()
+        self.marks.append((time.perf_counter(), 0))
+
+    def update(self, images: int) -> None:
+        self.marks.append((time.perf_counter(), self.marks[-1][1] + images))
+
+    @property
+    def rate(self) -> float:
+        (start, first), (end, last) = self.marks[0], self.marks[-1]
+        return (last - first) / (end - start) if end > start else 0.0
+
+
+def save_run_config(config: TrainConfig, output_dir: str) -> str:
+    """The resolved settings beside the outputs, as YAML that `--config` reads back."""
+    path = os.path.join(output_dir, RUN_CONFIG)
+    save_config(config, path)
+    return path
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, total_limit: int | None = None,
+                    config: TrainConfig | None = None) -> str:
+    """Everything `resume_state` needs, in `output_dir/checkpoint-<step>`, written atomically.
+
+    It is written under a temporary name and renamed once complete, so a run killed at any
+    moment leaves either a whole checkpoint or a `.partial` folder that nothing reads. Only then,
+    and only on the main process, are the oldest checkpoints beyond `total_limit` removed.
+    """
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    partial = final + PARTIAL_SUFFIX
+    if accelerator.is_main_process and os.path.exists(partial):
+        shutil.rmtree(partial)  # left by a run killed while writing it
+    accelerator.wait_for_everyone()
+    accelerator.save_state(partial)  # every process writes its own RNG state into it
+    if config is not None and accelerator.is_main_process:
+        save_run_config(config, partial)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        replace_folder(partial, final)
+        if total_limit is not None:
+            for old in complete_checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def replace_folder(source: str, target: str) -> None:
+    """Rename `source` to `target`; an existing `target` (a rerun of the same step) goes only after."""
+    if not os.path.exists(target):
+        os.rename(source, target)
+        return
+    stale = target + ".replaced"
+    shutil.rmtree(stale, ignore_errors=True)
+    os.rename(target, stale)
+    os.rename(source, target)
+    shutil.rmtree(stale)
+
+
+def complete_checkpoints(output_dir: str) -> list[str]:
+    """`checkpoint-<step>` folders in `output_dir`, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    steps = sorted(int(match.group(1)) for name in os.listdir(output_dir)
+                   if (match := CHECKPOINT.fullmatch(name)) and os.path.isdir(os.path.join(output_dir, name)))
+    return [os.path.join(output_dir, f"checkpoint-{step}") for step in steps]
+
+
+def find_checkpoint(resume_from_checkpoint: str | None, output_dir: str) -> str | None:
+    """The folder `--resume_from_checkpoint` names: 'latest' in `output_dir` (None when there is
+    none yet, so a preemptible job can always pass it), or a path to a complete checkpoint."""
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint == "latest":
+        found = complete_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = os.path.normpath(resume_from_checkpoint)
+    if not (CHECKPOINT.fullmatch(os.path.basename(path)) and os.path.isdir(path)):
+        choices = ", ".join(os.path.basename(p) for p in complete_checkpoints(output_dir)) or "none yet"
+        raise ConfigError(f"resume_from_checkpoint {resume_from_checkpoint!r} is not a complete checkpoint folder "
+                          f"(checkpoint-<step>); use 'latest' or one in {output_dir}: {choices}")
+    return path
+
+
+def resumed_batches(accelerator: Accelerator, loader, first_epoch: int, batches_to_skip: int):
+    """(epoch, position in the epoch, batch) from where `resume_state` left off, epoch after epoch
+    without end: the loop stops when it has taken its steps. Each epoch is reshuffled."""
+    if len(loader) == 0:
+        raise ConfigError("the training set is empty: there is nothing to train on")
+    for epoch in itertools.count(first_epoch):
+        loader.set_epoch(epoch)  # the shuffle...
+        if hasattr(loader.dataset, "set_epoch"):
+            loader.dataset.set_epoch(epoch)  # ...and the random crops and flips
+        skip = batches_to_skip if epoch == first_epoch else 0
+        for position, batch in enumerate(accelerator.skip_first_batches(loader, skip) if skip else loader, skip):
+            yield epoch, position, batch
+
+
+def resume_state(accelerator: Accelerator, config: TrainConfig, steps_per_epoch: int) -> tuple[int, int, int]:
+    """Load the checkpoint `config.resume_from_checkpoint` names, if any.
+
+    Returns (global_step, first_epoch, batches_to_skip): the optimizer steps already taken, the
+    epoch they stopped in, and how many of its batches were seen (for `skip_first_batches`).
+    Call it after `accelerator.prepare` and `register_for_checkpointing`.
+    """
+    path = find_checkpoint(config.resume_from_checkpoint, config.output_dir)
+    if path is None:
+        if config.resume_from_checkpoint is not None:
+            logger.info(f"no checkpoint in {config.output_dir} yet: starting a new run")
+        return 0, 0, 0
+    logger.info(f"resuming from {path}")
+    accelerator.load_state(path)
+    global_step = int(CHECKPOINT.fullmatch(os.path.basename(path)).group(1))
+    first_epoch, steps_into_epoch = divmod(global_step, steps_per_epoch)
+    return global_step, first_epoch, steps_into_epoch * config.gradient_accumulation_steps

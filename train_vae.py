@@ -1,0 +1,23 @@
+"""Train the first stage: an AutoencoderKL that compresses images to latents.
+
+    accelerate launch train_vae.py --config configs/vae/demo.yaml [--flag value ...]
+
+The result in --output_dir loads with `AutoencoderKL.from_pretrained(output_dir)`; its config.json
+carries the measured latent `scaling_factor`. See ldm/vae.py for the loop, ldm/vae_loss.py for the loss.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ldm.config import VAEConfig, parse_config
+from ldm.vae import train
+
+
+def main(argv: list[str] | None = None) -> dict:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    return train(parse_config(VAEConfig, argv))
+
+
+if __name__ == "__main__":
+    main()
