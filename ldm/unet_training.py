@@ -1,0 +1,356 @@
+"""train_unet.py's work: a text-conditioned UNet2DConditionModel trained on the latents of a frozen
+VAE, exported with its VAE and text side as a LatentDiffusionPipeline folder.
+
+`train` is the one training loop. With `cache_latents` (the default) the frozen VAE and frozen text
+encoder run once over the data, into on-disk caches (ldm/caches.py); without it they run on every
+batch, as diffusers' train_text_to_image.py does.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import gather_object
+from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
+from PIL import Image
+from tqdm.auto import tqdm
+from transformers import CLIPTokenizer
+
+from ldm import diffusion
+from ldm.caches import LatentCache, TextCache, load_or_build_latents, load_or_build_texts
+from ldm.config import ConfigError, UNetConfig, require_divisible
+from ldm.data import EpochDataset, ImageCaptionDataset, SkipCounter, dataloader, load_splits, pick_caption
+from ldm.models import read_architecture, vae_scale_factor
+from ldm.openmoji import default_cache_dir
+from ldm.pipeline import LatentDiffusionPipeline
+from ldm.text import build_text_encoder, load_text_components, tokenize, train_tokenizer
+from ldm.training import (Throughput, averaged_weights, batch_generator, check_finite, find_checkpoint,
+                          make_accelerator, make_ema, make_optimizer, resume_state, save_checkpoint,
+                          save_run_config)
+
+logger = get_logger(__name__)
+
+
+class CachedLatents(EpochDataset):
+    """Rows of a latent cache: the posterior of the image (a random flip of it when random flip is
+    on) and one of its captions."""
+
+    def __init__(self, cache: LatentCache, seed: int):
+        self.cache, self.seed = cache, seed
+
+    def __len__(self) -> int:
+        return len(self.cache.captions)
+
+    def __getitem__(self, index: int) -> dict:
+        rng = self.random_for(index)
+        flip = rng.randrange(self.cache.mean.shape[1])
+        return {"mean": self.cache.mean[index, flip], "std": self.cache.std[index, flip],
+                "caption": pick_caption(self.cache.captions[index], rng)}
+
+
+def train(config: UNetConfig) -> dict:
+    """Cache, train, validate, checkpoint, and save the pipeline. Returns the final numbers."""
+    # 1. Everything that can be checked is checked before anything expensive.
+    resuming = find_checkpoint(config.resume_from_checkpoint, config.output_dir) is not None
+    vae = load_frozen_vae(config)
+    require_divisible(config.resolution, vae_scale_factor(vae.config), "VAE")
+    accelerator = make_accelerator(config, "train_unet")
+    if accelerator.is_main_process:
+        save_run_config(config, config.output_dir)
+    train_rows, validation_rows = load_splits(config)
+    tokenizer, text_encoder = text_side(config, train_rows, accelerator, resuming)
+    unet = load_unet(config)
+    check_cross_attention(unet, text_encoder)
+    noise_scheduler = diffusion.noise_scheduler(config.prediction_type, config.zero_terminal_snr)
+    vae.to(accelerator.device)
+    text_encoder.to(accelerator.device)
+
+    # 2. Data: cached latents and embeddings (built once, by the main process first), or images.
+    cache_root = config.cache_dir or default_cache_dir()
+    texts: TextCache | None = None
+    with accelerator.main_process_first():
+        if config.cache_latents:  # the cache holds center crops, both ways round when flipping
+            latents_cache = load_or_build_latents(vae, ImageCaptionDataset.from_config(train_rows, config, train=False),
+                                                  config.random_flip, cache_root, device=accelerator.device)
+            if not config.train_text_encoder:
+                texts = load_or_build_texts(tokenizer, text_encoder, latents_cache.captions, cache_root,
+                                            device=accelerator.device)
+    if config.cache_latents:
+        train_set = CachedLatents(latents_cache, config.seed)
+        logger.info(f"latent cache {latents_cache.folder} ({'built' if latents_cache.built else 'reused'}); "
+                    f"{latents_cache.skipped} unreadable image(s) left out")
+        loader = torch.utils.data.DataLoader(train_set, batch_size=config.train_batch_size, shuffle=True,
+                                             num_workers=config.dataloader_num_workers, collate_fn=stack_rows)
+    else:
+        train_set = ImageCaptionDataset.from_config(train_rows, config, seed=config.seed)
+        loader = dataloader(train_set, config.train_batch_size, shuffle=True, num_workers=config.dataloader_num_workers)
+    empty = texts.empty.to(accelerator.device) if texts is not None else None
+    empty_ids = tokenize(tokenizer, [""]).to(accelerator.device)
+
+    # 3. Models and optimizer: the UNet, and the text encoder when it trains jointly.
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    trained = [unet] + ([text_encoder] if config.train_text_encoder else [])
+    text_encoder.train(config.train_text_encoder).requires_grad_(config.train_text_encoder)
+    optimizer, lr_scheduler = make_optimizer([p for m in trained for p in m.parameters()], config, accelerator,
+                                             optimizer_class=adam_class(config))
+    ema = make_ema(unet, config, accelerator)
+    if config.train_text_encoder:
+        unet, text_encoder, optimizer, lr_scheduler, loader = accelerator.prepare(
+            unet, text_encoder, optimizer, lr_scheduler, loader)
+    else:
+        unet, optimizer, lr_scheduler, loader = accelerator.prepare(unet, optimizer, lr_scheduler, loader)
+    models = [unet, text_encoder] if config.train_text_encoder else [unet]
+
+    # 4. Resume: weights, optimizer, schedule, EMA, RNG states, step, and position in the data.
+    steps_per_epoch = math.ceil(len(loader) / config.gradient_accumulation_steps)
+    global_step, first_epoch, batches_to_skip = resume_state(accelerator, config, steps_per_epoch)
+    num_epochs = math.ceil(config.max_train_steps / steps_per_epoch)
+    logger.info(f"{len(train_set)} training rows; {steps_per_epoch} steps per epoch on each of "
+                f"{accelerator.num_processes} process(es)")
+
+    # 5. The loop.
+    skipped, meter, bins = SkipCounter(), Throughput(), {}
+    progress = tqdm(total=config.max_train_steps, initial=global_step, desc="train_unet",
+                    disable=not accelerator.is_local_main_process)
+    running, micro_batches, seen = 0.0, 0, 0
+    for epoch in range(first_epoch, num_epochs):
+        loader.set_epoch(epoch)
+        train_set.set_epoch(epoch)
+        skip = batches_to_skip if epoch == first_epoch else 0
+        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+        for position, batch in enumerate(batches, start=skip):
+            if not config.cache_latents:
+                skipped.update(batch)
+                if not batch["indices"]:
+                    continue  # every image of this batch was unreadable
+            generator = batch_generator(config.seed, accelerator.process_index, epoch * len(loader) + position,
+                                        accelerator.device)
+            with accelerator.accumulate(*models):
+                mean, std = posterior(vae, batch, config.cache_latents)
+                latents = diffusion.normalise_latents(mean + std * torch.randn(
+                    mean.shape, generator=generator, device=mean.device), vae.config)
+                noise = diffusion.sample_noise(latents, config.noise_offset, generator)
+                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                          generator=generator, device=latents.device)
+                noisy = diffusion.noised(noise_scheduler, latents, noise, timesteps, config.input_perturbation,
+                                         generator)
+                conditioning = encode_captions(batch["captions"], texts, tokenizer, text_encoder, empty, empty_ids,
+                                               config.caption_dropout, generator)
+                prediction = unet(noisy, timesteps, conditioning).sample
+                per_sample = F.mse_loss(prediction.float(), diffusion.target(noise_scheduler, latents, noise, timesteps)
+                                        .float(), reduction="none").mean(dim=(1, 2, 3))
+                weights = (diffusion.min_snr_weights(diffusion.snr(noise_scheduler, timesteps), config.snr_gamma,
+                                                     config.prediction_type)
+                           if config.snr_gamma else torch.ones_like(per_sample))
+                loss = (weights * per_sample).mean()
+                check_finite(accelerator.reduce(loss.detach(), "mean"), global_step + 1)
+
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm:
+                    accelerator.clip_grad_norm_([p for m in models for p in m.parameters()], config.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+
+            add_bins(bins, per_sample.detach(), timesteps, noise_scheduler, config.loss_bins)
+            running += loss.item()
+            micro_batches += 1
+            seen += latents.shape[0] * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            if ema is not None:
+                ema.step(accelerator.unwrap_model(unet).parameters())
+            meter.update(seen)
+            logs = {"train/loss": running / micro_batches, "train/learning_rate": lr_scheduler.get_last_lr()[0],
+                    "train/images_per_second": meter.rate}
+            accelerator.log(logs, step=global_step)
+            progress.update(1)
+            progress.set_postfix(loss=f"{logs['train/loss']:.4f}", img_s=f"{meter.rate:.0f}")
+            running, micro_batches, seen = 0.0, 0, 0
+
+            if global_step % config.checkpointing_steps == 0:
+                save_checkpoint(accelerator, config.output_dir, global_step, config.checkpoints_total_limit, config)
+                meter.restart()
+            if global_step % config.validation_steps == 0 and global_step < config.max_train_steps:
+                log_bins(accelerator, bins, global_step)
+                bins = {}
+                validate(accelerator, config, vae, tokenizer, text_encoder, unet, ema, noise_scheduler, global_step)
+                meter.restart()
+            if global_step >= config.max_train_steps:
+                break
+    progress.close()
+
+    # 6. The final pipeline, with the EMA weights when there are some.
+    accelerator.wait_for_everyone()
+    log_bins(accelerator, bins, global_step)
+    pipeline = export_pipeline(accelerator, vae, tokenizer, text_encoder, unet, ema, noise_scheduler)
+    if accelerator.is_main_process:
+        pipeline.save_pretrained(config.output_dir, safe_serialization=True)
+        save_grid(sample_grid(pipeline, config, accelerator.device), config, accelerator, global_step)
+    unreadable = len(set().union(*gather_object([skipped.rows]))) if not config.cache_latents else \
+        latents_cache.skipped
+    logger.info(f"skipped {unreadable} unreadable image(s); saved the pipeline to {config.output_dir}",
+                main_process_only=True)
+    accelerator.end_training()
+    return {"global_step": global_step, "unreadable_images": unreadable, "images_per_second": meter.rate}
+
+
+def stack_rows(rows: list[dict]) -> dict:
+    return {"mean": torch.stack([r["mean"] for r in rows]), "std": torch.stack([r["std"] for r in rows]),
+            "captions": [r["caption"] for r in rows]}
+
+
+# ---------------------------------------------------------------- components
+
+
+def load_frozen_vae(config: UNetConfig) -> AutoencoderKL:
+    """The VAE of a train_vae.py output folder or a Hub id, in eval mode with gradients off."""
+    path = config.pretrained_vae_model_name_or_path
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise ConfigError(f"pretrained_vae_model_name_or_path {path!r} has no config.json: it is not a saved "
+                          "VAE (train_vae.py writes one at the root of its output_dir)")
+    if not os.path.isdir(path) and (path.startswith((".", os.sep)) or path.count("/") > 1):
+        raise ConfigError(f"pretrained_vae_model_name_or_path {path!r} does not exist; "
+                          "train one with train_vae.py or give a Hub id")
+    vae = AutoencoderKL.from_pretrained(path, revision=config.revision)
+    return vae.eval().requires_grad_(False)
+
+
+def load_unet(config: UNetConfig) -> UNet2DConditionModel:
+    """A pretrained UNet (a pipeline's `unet/` or a UNet folder) to fine-tune, or a new one."""
+    source = config.pretrained_model_name_or_path
+    if source is None:
+        torch.manual_seed(config.seed)
+        return UNet2DConditionModel.from_config(read_architecture(config.unet_config, UNet2DConditionModel))
+    subfolder = "unet" if os.path.isdir(os.path.join(source, "unet")) or not os.path.isdir(source) else None
+    return UNet2DConditionModel.from_pretrained(source, subfolder=subfolder, revision=config.revision)
+
+
+def text_side(config: UNetConfig, train_rows, accelerator: Accelerator, resuming: bool):
+    """(tokenizer, text encoder): pretrained, or a BPE tokenizer trained on the training captions
+    with a new CLIPTextModel. The new tokenizer is written once, by the main process, into
+    `output_dir/tokenizer`, and a resumed run reads it back: BPE training breaks ties between
+    equally frequent pairs in no fixed order, so training it again could give other token ids."""
+    if config.text_encoder_name_or_path is not None:
+        return load_text_components(config.text_encoder_name_or_path, config.revision)
+    folder = os.path.join(config.output_dir, "tokenizer")
+    reuse = resuming and os.path.isfile(os.path.join(folder, "tokenizer.json"))
+    with accelerator.main_process_first():
+        if accelerator.is_main_process and not reuse:
+            captions = (pick for row in train_rows[config.caption_column]
+                        for pick in (row if isinstance(row, list) else [row]))
+            train_tokenizer(captions, config.tokenizer_vocab_size, folder, config.tokenizer_max_length)
+    tokenizer = CLIPTokenizer.from_pretrained(folder)
+    torch.manual_seed(config.seed)  # every process, and every resumed run, builds the same weights
+    return tokenizer, build_text_encoder(tokenizer, config.text_encoder_config)
+
+
+def check_cross_attention(unet: UNet2DConditionModel, text_encoder) -> None:
+    if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
+        raise ConfigError(f"the UNet's cross_attention_dim {unet.config.cross_attention_dim} does not match the "
+                          f"text encoder's hidden_size {text_encoder.config.hidden_size}; set cross_attention_dim "
+                          f"to {text_encoder.config.hidden_size} in the UNet config.json")
+
+
+def adam_class(config: UNetConfig):
+    """8-bit Adam (bitsandbytes) keeps the optimizer state in a quarter of the memory."""
+    if not config.use_8bit_adam:
+        return torch.optim.AdamW
+    try:
+        import bitsandbytes
+    except ImportError as error:
+        raise ConfigError("use_8bit_adam needs the bitsandbytes package: pip install bitsandbytes") from error
+    return bitsandbytes.optim.AdamW8bit
+
+
+# ---------------------------------------------------------------- per batch
+
+
+def posterior(vae: AutoencoderKL, batch: dict, cached: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of q(z | image): read from the cache, or computed now by the frozen VAE."""
+    if cached:
+        return batch["mean"], batch["std"]
+    with torch.no_grad():
+        dist = vae.encode(batch["pixel_values"].to(vae.dtype)).latent_dist
+    return dist.mean.float(), dist.std.float()
+
+
+def encode_captions(captions: list[str], texts: TextCache | None, tokenizer, text_encoder, empty: torch.Tensor | None,
+                    empty_ids: torch.Tensor, dropout: float, generator: torch.Generator) -> torch.Tensor:
+    """Text embeddings for a batch, with `dropout` of them swapped for the empty prompt's (for CFG)."""
+    if texts is not None:
+        embeddings = texts.lookup(captions).to(empty.device)
+        return diffusion.drop_conditioning(embeddings, empty, dropout, generator)
+    ids = diffusion.drop_conditioning(tokenize(tokenizer, captions).to(empty_ids.device), empty_ids, dropout,
+                                      generator)
+    return text_encoder(ids)[0]
+
+
+def add_bins(bins: dict, per_sample: torch.Tensor, timesteps: torch.Tensor, scheduler, count: int) -> None:
+    for b, (total, n) in diffusion.loss_by_timestep_bin(per_sample, timesteps, scheduler.config.num_train_timesteps,
+                                                        count).items():
+        old_total, old_n = bins.get(b, (0.0, 0))
+        bins[b] = (old_total + total, old_n + n)
+
+
+def log_bins(accelerator: Accelerator, bins: dict, step: int) -> None:
+    if bins:
+        accelerator.log({f"loss_by_timestep/bin_{b:02d}": total / n for b, (total, n) in sorted(bins.items())},
+                        step=step)
+
+
+# ---------------------------------------------------------------- validation and export
+
+
+def export_pipeline(accelerator, vae, tokenizer, text_encoder, unet, ema, noise_scheduler) -> LatentDiffusionPipeline:
+    """The pipeline to save or sample from, with the EMA weights when there are some.
+
+    The UNet is a copy, so the weights being trained are never touched. Sampling uses DPM-Solver++
+    (2M), which needs ~20 steps, with the training noise schedule."""
+    unet = accelerator.unwrap_model(unet)
+    copy = UNet2DConditionModel.from_config(unet.config)
+    copy.load_state_dict(unet.state_dict())
+    if ema is not None:
+        ema.copy_to(copy.parameters())
+    sampler = DPMSolverMultistepScheduler.from_config(noise_scheduler.config)
+    return LatentDiffusionPipeline(vae=vae, text_encoder=accelerator.unwrap_model(text_encoder), tokenizer=tokenizer,
+                                   unet=copy.to(accelerator.device).eval(), scheduler=sampler)
+
+
+@torch.no_grad()
+def sample_grid(pipeline: LatentDiffusionPipeline, config: UNetConfig, device) -> np.ndarray:
+    """One image per validation prompt, side by side (HWC uint8), from a fixed seed."""
+    pipeline.set_progress_bar_config(disable=True)
+    generator = torch.Generator(device).manual_seed(config.seed)
+    images = pipeline(config.validation_prompts, num_inference_steps=config.validation_inference_steps,
+                      guidance_scale=config.validation_guidance_scale, height=config.resolution,
+                      width=config.resolution, generator=generator, output_type="np").images
+    return (np.concatenate(list(images), axis=1) * 255).round().astype(np.uint8)
+
+
+def validate(accelerator, config, vae, tokenizer, text_encoder, unet, ema, noise_scheduler, step: int) -> None:
+    if accelerator.is_main_process and config.validation_prompts:
+        was_training = text_encoder.training
+        pipeline = export_pipeline(accelerator, vae, tokenizer, text_encoder, unet, ema, noise_scheduler)
+        accelerator.unwrap_model(text_encoder).eval()
+        save_grid(sample_grid(pipeline, config, accelerator.device), config, accelerator, step)
+        accelerator.unwrap_model(text_encoder).train(was_training)
+    accelerator.wait_for_everyone()
+
+
+def save_grid(grid: np.ndarray, config: UNetConfig, accelerator: Accelerator, step: int) -> None:
+    folder = os.path.join(config.output_dir, "validation")
+    os.makedirs(folder, exist_ok=True)
+    Image.fromarray(grid).save(os.path.join(folder, f"step-{step:06d}.png"))
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({"validation/samples": grid[None]}, step=step, dataformats="NHWC")

@@ -1,0 +1,160 @@
+"""train_unet.py end to end on tiny models: real datasets, real files, real subprocesses."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors.torch import load_file
+from transformers import CLIPTextModel
+
+import train_unet
+from ldm.config import ConfigError
+from ldm.training import NonFiniteLossError
+from ldm.text import text_encoder_config
+from tests.conftest import TINY_TEXT_ENCODER, TINY_UNET, TINY_VAE
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory, tiny_tokenizer):
+    """A saved tiny VAE (with a measured-looking scale), tiny UNet / text encoder config files, and
+    a saved tiny CLIP (tokenizer + text encoder in one folder, like a Hub CLIP checkpoint)."""
+    folder = tmp_path_factory.mktemp("parts")
+    torch.manual_seed(0)
+    tiny_tokenizer.save_pretrained(folder / "clip")
+    CLIPTextModel(text_encoder_config(tiny_tokenizer, **TINY_TEXT_ENCODER)).save_pretrained(folder / "clip")
+    AutoencoderKL.from_config({**TINY_VAE, "scaling_factor": 0.8}).save_pretrained(folder / "vae")
+    (folder / "unet.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel", **TINY_UNET}))
+    (folder / "text_encoder.json").write_text(json.dumps(TINY_TEXT_ENCODER))
+    return folder
+
+
+def argv(parts, output_dir, *extra):
+    return ["--pretrained_vae_model_name_or_path", str(parts / "vae"), "--unet_config", str(parts / "unet.json"),
+            "--text_encoder_config", str(parts / "text_encoder.json"), "--output_dir", str(output_dir),
+            "--resolution", "16", "--max_train_samples", "20", "--train_batch_size", "8",
+            "--tokenizer_vocab_size", "400", "--tokenizer_max_length", "16", "--report_to", "none",
+            "--validation_prompts", "red heart", "cat face", "--validation_inference_steps", "2",
+            "--lr_scheduler", "constant", "--use_ema", "--ema_decay", "0.9", *extra]
+
+
+def unet_weights(folder):
+    return load_file(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
+
+
+def test_two_step_run_writes_a_pipeline_that_generate_loads(parts, tmp_path, openmoji_32):
+    out = tmp_path / "run"
+    result = train_unet.main(argv(parts, out, "--max_train_steps", "2", "--validation_steps", "1"))
+    assert result["global_step"] == 2
+    assert {"model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler",
+            "training_config.yaml"} <= set(os.listdir(out))
+    assert os.path.isfile(out / "validation" / "step-000001.png")
+    assert AutoencoderKL.from_pretrained(out / "vae").config.scaling_factor == 0.8
+    generated = subprocess.run(
+        [sys.executable, "generate.py", "--model", str(out), "--prompt", "red heart", "--num_inference_steps", "2",
+         "--output_dir", str(tmp_path / "images")], cwd=ROOT, capture_output=True, text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert generated.returncode == 0, generated.stderr[-2000:]
+    assert [name for name in os.listdir(tmp_path / "images") if name.endswith(".png")]
+
+
+def cache_stamps(cache_root):
+    return {name: os.stat(os.path.join(cache_root, name)).st_mtime_ns for name in os.listdir(cache_root)
+            if name.startswith(("latents-", "texts-"))}
+
+
+def test_runs_reuse_the_caches_and_rebuild_them_when_inputs_change(parts, tmp_path, isolated_cache, openmoji_32):
+    """A run with the first run's (frozen, untrained) text encoder and the same VAE and data reuses
+    both of its caches; another VAE invalidates the latent cache only."""
+    train_unet.main(argv(parts, tmp_path / "a", "--max_train_steps", "1"))
+    after_a = cache_stamps(isolated_cache)
+    assert {name.split("-")[0] for name in after_a} == {"latents", "texts"}
+    AcceleratorState._reset_state(reset_partial_state=True)
+    frozen_text = ["--text_encoder_name_or_path", str(tmp_path / "a"), "--max_train_steps", "1"]
+    train_unet.main(argv(parts, tmp_path / "b", *frozen_text))
+    after_b = cache_stamps(isolated_cache)
+    assert after_b == after_a
+    AcceleratorState._reset_state(reset_partial_state=True)
+    torch.manual_seed(1)
+    AutoencoderKL.from_config({**TINY_VAE, "scaling_factor": 0.8}).save_pretrained(tmp_path / "other_vae")
+    train_unet.main(argv(parts, tmp_path / "d", *frozen_text, "--pretrained_vae_model_name_or_path",
+                         str(tmp_path / "other_vae")))
+    new = set(cache_stamps(isolated_cache)) - set(after_b)
+    assert len(new) == 1 and new.pop().startswith("latents-")
+
+
+def test_resumed_run_ends_with_the_same_weights(parts, tmp_path, openmoji_32):
+    """20 rows at batch 8 are 3 steps an epoch: the run stops mid-epoch at step 4, and the resumed
+    run must skip the batches it saw and replay the same noise, dropout, flips and captions.
+
+    Stopping at max_train_steps 4 and resuming to 7 is what a kill after checkpoint-4 leaves:
+    nothing after a checkpoint survives a kill, and with a constant LR the total length changes
+    nothing before step 4. Both runs share a saved text encoder (a BPE tokenizer trained anew can
+    break ties differently). CPU kernels are deterministic here, so the weights match exactly."""
+    common = ["--checkpointing_steps", "2", "--validation_steps", "100", "--caption_dropout", "0.3",
+              "--random_flip", "--text_encoder_name_or_path", str(parts / "clip")]
+    train_unet.main(argv(parts, tmp_path / "straight", "--max_train_steps", "7", *common))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    train_unet.main(argv(parts, tmp_path / "resumed", "--max_train_steps", "4", *common))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    train_unet.main(argv(parts, tmp_path / "resumed", "--max_train_steps", "7", "--resume_from_checkpoint", "latest",
+                         *common))
+    straight, resumed = unet_weights(tmp_path / "straight"), unet_weights(tmp_path / "resumed")
+    assert all(torch.equal(straight[name], resumed[name]) for name in straight)
+    # and the steps after the checkpoint did change the weights (EMA included)
+    at_four = load_file(tmp_path / "resumed" / "checkpoint-4" / "model.safetensors")
+    assert not all(torch.equal(straight[name], at_four[name]) for name in straight)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(parts, tmp_path, openmoji_32):
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match="at step"):
+        train_unet.main(argv(parts, out, "--max_train_steps", "50", "--checkpointing_steps", "1",
+                             "--learning_rate", "1e30", "--max_grad_norm", "0", "--lr_warmup_steps", "0"))
+    checkpoints = sorted(name for name in os.listdir(out) if name.startswith("checkpoint-"))
+    assert checkpoints and not [name for name in checkpoints if not name.split("-")[1].isdigit()]
+    assert os.path.isfile(out / checkpoints[-1] / "model.safetensors")
+
+
+def test_cross_attention_dim_must_match_the_text_encoder(parts, tmp_path, openmoji_32):
+    wrong = tmp_path / "unet.json"
+    wrong.write_text(json.dumps({"_class_name": "UNet2DConditionModel", **TINY_UNET, "cross_attention_dim": 24}))
+    with pytest.raises(ConfigError, match="cross_attention_dim 24 does not match the text encoder's hidden_size 32"):
+        train_unet.main(argv(parts, tmp_path / "run", "--unet_config", str(wrong)))
+
+
+def test_missing_vae_fails_before_work(parts, tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        train_unet.main(argv(parts, tmp_path / "run", "--pretrained_vae_model_name_or_path", str(tmp_path / "nope")))
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_two_process_launch(parts, tmp_path, openmoji_32):
+    """torchrun (--multi_gpu) with ACCELERATE_USE_CPU starts two CPU processes over gloo;
+    `accelerate launch --cpu --num_processes 2` would quietly start one."""
+    out = tmp_path / "run"
+    launched = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "--main_process_port", str(29500 + (os.getpid() + 7) % 1000), "train_unet.py",
+         *argv(parts, out, "--max_train_steps", "2", "--validation_steps", "100", "--checkpointing_steps", "1")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    # each process saved its own RNG state and data position into the checkpoint
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(os.listdir(out / "checkpoint-2"))
+    assert UNet2DConditionModel.from_pretrained(out / "unet").config.cross_attention_dim == 32

@@ -1,0 +1,20 @@
+"""Train the second stage: a text-conditioned UNet2DConditionModel on the latents of a frozen VAE.
+
+    accelerate launch train_unet.py --config configs/unet/demo.yaml [--flag value ...]
+
+--output_dir ends up a LatentDiffusionPipeline folder (model_index.json at its root) that
+generate.py loads. See ldm/unet_training.py for the loop and ldm/diffusion.py for the objective.
+"""
+
+from __future__ import annotations
+
+from ldm.config import UNetConfig, parse_config
+from ldm.unet_training import train
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return train(parse_config(UNetConfig, argv))
+
+
+if __name__ == "__main__":
+    main()
