@@ -7,7 +7,6 @@ Images are decoded here rather than by `datasets`, so an unreadable file becomes
 from __future__ import annotations
 
 import io
-import os
 import random
 from dataclasses import dataclass
 

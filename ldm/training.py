@@ -26,6 +26,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
+from PIL import Image
 
 from ldm.config import ConfigError, TrainConfig, save_config
 from ldm.data import SkipCounter
@@ -156,6 +157,18 @@ class Throughput:
     def rate(self) -> float:
         (start, first), (end, last) = self.marks[0], self.marks[-1]
         return (last - first) / (end - start) if end > start else 0.0
+
+
+def save_validation_grid(grid, output_dir: str, accelerator: Accelerator, step: int, tag: str) -> str:
+    """A validation image grid (HWC uint8) as `output_dir/validation/step-<step>.png`, and in TensorBoard."""
+    folder = os.path.join(output_dir, "validation")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"step-{step:06d}.png")
+    Image.fromarray(grid).save(path)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({f"validation/{tag}": grid[None]}, step=step, dataformats="NHWC")
+    return path
 
 
 def save_run_config(config: TrainConfig, output_dir: str) -> str:

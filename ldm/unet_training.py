@@ -18,7 +18,6 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import gather_object
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
-from PIL import Image
 from tqdm.auto import tqdm
 from transformers import CLIPTokenizer
 
@@ -30,9 +29,9 @@ from ldm.models import read_architecture, vae_scale_factor
 from ldm.openmoji import default_cache_dir
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.text import build_text_encoder, load_text_components, tokenize, train_tokenizer
-from ldm.training import (Throughput, averaged_weights, batch_generator, check_finite, find_checkpoint,
+from ldm.training import (Throughput, batch_generator, check_finite, find_checkpoint,
                           make_accelerator, make_ema, make_optimizer, resume_state, save_checkpoint,
-                          save_run_config)
+                          save_run_config, save_validation_grid)
 
 logger = get_logger(__name__)
 
@@ -195,7 +194,8 @@ def train(config: UNetConfig) -> dict:
     pipeline = export_pipeline(accelerator, vae, tokenizer, text_encoder, unet, ema, noise_scheduler)
     if accelerator.is_main_process:
         pipeline.save_pretrained(config.output_dir, safe_serialization=True)
-        save_grid(sample_grid(pipeline, config, accelerator.device), config, accelerator, global_step)
+        save_validation_grid(sample_grid(pipeline, config, accelerator.device), config.output_dir, accelerator,
+                             global_step, "samples")
     unreadable = len(set().union(*gather_object([skipped.rows]))) if not config.cache_latents else \
         latents_cache.skipped
     logger.info(f"skipped {unreadable} unreadable image(s); saved the pipeline to {config.output_dir}",
@@ -342,15 +342,7 @@ def validate(accelerator, config, vae, tokenizer, text_encoder, unet, ema, noise
         was_training = text_encoder.training
         pipeline = export_pipeline(accelerator, vae, tokenizer, text_encoder, unet, ema, noise_scheduler)
         accelerator.unwrap_model(text_encoder).eval()
-        save_grid(sample_grid(pipeline, config, accelerator.device), config, accelerator, step)
+        save_validation_grid(sample_grid(pipeline, config, accelerator.device), config.output_dir, accelerator,
+                             step, "samples")
         accelerator.unwrap_model(text_encoder).train(was_training)
     accelerator.wait_for_everyone()
-
-
-def save_grid(grid: np.ndarray, config: UNetConfig, accelerator: Accelerator, step: int) -> None:
-    folder = os.path.join(config.output_dir, "validation")
-    os.makedirs(folder, exist_ok=True)
-    Image.fromarray(grid).save(os.path.join(folder, f"step-{step:06d}.png"))
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.log_images({"validation/samples": grid[None]}, step=step, dataformats="NHWC")

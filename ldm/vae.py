@@ -8,7 +8,6 @@ a diffusers folder that `AutoencoderKL.from_pretrained(output_dir)` loads.
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import torch
@@ -17,7 +16,6 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from PIL import Image
 from tqdm.auto import tqdm
 
 from ldm.config import VAEConfig, require_divisible
@@ -25,7 +23,7 @@ from ldm.data import ImageCaptionDataset, SkipCounter, dataloader, load_splits
 from ldm.models import load_vae, vae_architecture, vae_scale_factor
 from ldm.training import (Throughput, averaged_weights, batch_generator, check_finite, find_checkpoint,
                           make_accelerator, make_ema, make_optimizer, resume_state, resumed_batches, save_checkpoint,
-                          save_run_config, shard, unreadable_rows)
+                          save_run_config, save_validation_grid, shard, unreadable_rows)
 from ldm.vae_loss import PatchDiscriminator, autoencoder_loss, discriminator_loss, load_lpips
 
 logger = get_logger(__name__)
@@ -224,8 +222,8 @@ def validate(vae: AutoencoderKL, rows, config: VAEConfig, accelerator: Accelerat
     totals = accelerator.reduce(totals, "sum")
     metrics = {"psnr": (totals[0] / totals[2]).item(), "ssim": (totals[1] / totals[2]).item()}
     if accelerator.is_main_process and config.num_validation_images:
-        save_grid(comparison_grid(vae, dataset, config.num_validation_images, accelerator.device),
-                  config, accelerator, step)
+        save_validation_grid(comparison_grid(vae, dataset, config.num_validation_images, accelerator.device),
+                             config.output_dir, accelerator, step, "reconstructions")
     vae.train()
     accelerator.log({f"validation/{name}": value for name, value in metrics.items()}, step=step)
     logger.info(f"step {step}: held-out PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}")
@@ -239,15 +237,6 @@ def comparison_grid(vae: AutoencoderKL, dataset: ImageCaptionDataset, count: int
     pair = torch.cat([images, reconstruct(vae, images)], dim=2)  # each column: original above reconstruction
     strip = torch.cat(list(pair), dim=2)
     return ((strip.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()
-
-
-def save_grid(grid: np.ndarray, config: VAEConfig, accelerator: Accelerator, step: int) -> None:
-    folder = os.path.join(config.output_dir, "validation")
-    os.makedirs(folder, exist_ok=True)
-    Image.fromarray(grid).save(os.path.join(folder, f"step-{step:06d}.png"))
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.log_images({"validation/reconstructions": grid[None]}, step=step, dataformats="NHWC")
 
 
 @torch.no_grad()
