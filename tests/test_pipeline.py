@@ -177,7 +177,7 @@ def test_bad_inputs_name_the_value_and_what_is_valid(pipe, kwargs, message):
 
 def test_prompt_embeds_give_the_same_images_as_the_prompts(pipe):
     with torch.no_grad():
-        embeds, negative = pipe.encode_text(["red heart"]), pipe.encode_text(["blue circle"])
+        embeds, negative = pipe.encode_text(["red heart"], "cpu"), pipe.encode_text(["blue circle"], "cpu")
     from_text = draw(pipe, negative_prompt="blue circle")
     from_embeds = draw(pipe, prompt=None, prompt_embeds=embeds, negative_prompt_embeds=negative)
     np.testing.assert_array_equal(from_text, from_embeds)
@@ -261,11 +261,12 @@ def test_decoding_undoes_the_latent_normalisation_the_vae_declares(pipe, config,
 def test_a_half_precision_vae_with_force_upcast_decodes_in_float32(pipe):
     pipe.vae.half()
     latents = torch.randn(1, 4, 8, 8, dtype=torch.float16)
-    with torch.no_grad():
+    with torch.inference_mode():
         assert pipe.decode_latents(latents).dtype == torch.float32
         assert pipe.vae.dtype == torch.float16  # and goes back to half precision afterwards
         pipe.vae.register_to_config(force_upcast=False)
         assert pipe.decode_latents(latents).dtype == torch.float16
+    assert not any(p.is_inference() for p in pipe.vae.parameters())  # still trainable
 
 
 def test_tiled_decoding_handles_images_larger_than_the_vae_tile(pipe):
