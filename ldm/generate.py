@@ -90,6 +90,8 @@ def check_config(config: GenerateConfig) -> None:
             raise ValueError(f"--{name} must be a positive number of pixels, got {size}")
     if config.scheduler is not None:
         resolve_scheduler(config.scheduler)
+    if os.path.exists(config.output_dir) and not os.path.isdir(config.output_dir):
+        raise ValueError(f"--output_dir {config.output_dir} exists and is not a folder")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -114,7 +116,7 @@ def load_pipeline(model: str, revision: str | None, dtype: torch.dtype) -> Laten
     elif not _could_be_hub_id(model):
         raise ValueError(f"model folder {model} does not exist")
     try:
-        return LatentDiffusionPipeline.from_pretrained(model, revision=revision, torch_dtype=dtype)
+        return LatentDiffusionPipeline.from_pretrained(model, revision=revision, dtype=dtype)
     except (OSError, ValueError) as error:
         where = "the folder" if os.path.isdir(model) else "the Hugging Face Hub (it is not a local folder either)"
         raise ValueError(f"could not load a pipeline {model!r} from {where}: {error}") from error

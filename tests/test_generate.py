@@ -82,6 +82,13 @@ def test_bad_input_fails_before_anything_is_written(model_dir, tmp_path, capsys,
     assert not out.exists()
 
 
+def test_an_output_dir_that_is_a_file_is_refused(model_dir, tmp_path, capsys):
+    (tmp_path / "samples").write_text("not a folder")
+    assert run_main(model_dir, tmp_path / "samples", "--prompt", "red heart") == 2
+    assert "exists and is not a folder" in capsys.readouterr().err
+    assert (tmp_path / "samples").read_text() == "not a folder"
+
+
 def test_a_missing_model_folder_or_a_folder_that_is_not_a_pipeline_fails_clearly(tmp_path, capsys):
     out = tmp_path / "samples"
     assert run_main(str(tmp_path / "missing"), out, "--prompt", "red heart") == 2
