@@ -42,8 +42,6 @@ TEXT_ENCODER = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
                     projection_dim=128)
 CAPTIONS = ["grinning face", "red heart", "blue circle", "thumbs up", "cat face", "green apple", "rocket"]
 PROMPTS = ["red heart", "cat face", "rocket", "green apple"]
-
-
 SCHEDULE = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
                 set_alpha_to_one=False, steps_offset=1)  # Stable Diffusion v1's
 
@@ -141,8 +139,8 @@ def main(argv=None) -> None:
     embeddings = torch.randn(guided_batch, models["tokenizer"].model_max_length, unet.config.cross_attention_dim)
     t = torch.tensor(500)
     gflop, unet_s = unet_throughput(unet, sample, t, embeddings, args.repeats * 2, clock)
-    _, unet_fast_s = unet_throughput(fast.denoising_unet(), sample.bfloat16(), t, embeddings.bfloat16(), args.repeats * 2,
-                                     clock)
+    _, unet_fast_s = unet_throughput(fast.denoising_unet(), sample.bfloat16(), t, embeddings.bfloat16(),
+                                     args.repeats * 2, clock)
     fp32_peak, bf16_peak = matmul_gflops(torch.float32, clock), matmul_gflops(torch.bfloat16, clock)
 
     print(f"{args.batch} images, {args.resolution}x{args.resolution} px ({latent}x{latent} latents), "

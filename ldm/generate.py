@@ -99,7 +99,8 @@ def resolve_device(name: str) -> torch.device:
         try:
             return torch.device(name)
         except RuntimeError:
-            raise ValueError(f"--device {name!r} is not a torch device; use auto, cpu, cuda, cuda:1, mps, ...") from None
+            message = f"--device {name!r} is not a torch device; use auto, cpu, cuda, cuda:1, mps, ..."
+            raise ValueError(message) from None
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
