@@ -101,12 +101,10 @@ def train(config: UNetConfig) -> dict:
     optimizer, lr_scheduler = make_optimizer([p for m in trained for p in m.parameters()], config, accelerator,
                                              optimizer_class=adam_class(config))
     ema = make_ema(unet, config, accelerator)
+    *models, optimizer, lr_scheduler, loader = accelerator.prepare(*trained, optimizer, lr_scheduler, loader)
+    unet = models[0]
     if config.train_text_encoder:
-        unet, text_encoder, optimizer, lr_scheduler, loader = accelerator.prepare(
-            unet, text_encoder, optimizer, lr_scheduler, loader)
-    else:
-        unet, optimizer, lr_scheduler, loader = accelerator.prepare(unet, optimizer, lr_scheduler, loader)
-    models = [unet, text_encoder] if config.train_text_encoder else [unet]
+        text_encoder = models[1]
 
     # 4. Resume: weights, optimizer, schedule, EMA, RNG states, step, and position in the data.
     steps_per_epoch = math.ceil(len(loader) / config.gradient_accumulation_steps)
