@@ -17,8 +17,10 @@ def noise_scheduler(prediction_type: PredictionType, zero_terminal_snr: bool = F
     `zero_terminal_snr` rescales the betas so the last step is pure noise (Lin et al. 2023,
     "Common Diffusion Noise Schedules and Sample Steps are Flawed"); pair it with v-prediction.
     """
+    # steps_offset=1 and clip_sample=False are SD v1's values; StableDiffusionPipeline rewrites
+    # others when it loads a folder, and would then draw other images than ours.
     return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="scaled_linear",
-                         beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                         beta_start=0.00085, beta_end=0.012, clip_sample=False, steps_offset=1,
                          prediction_type=prediction_type, rescale_betas_zero_snr=zero_terminal_snr)
 
 

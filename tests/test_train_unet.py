@@ -8,12 +8,13 @@ import sys
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
 from transformers import CLIPTextModel
 
 import train_unet
 from ldm.config import ConfigError
+from ldm.pipeline import LatentDiffusionPipeline
 from ldm.training import NonFiniteLossError
 from ldm.text import text_encoder_config
 from tests.conftest import TINY_TEXT_ENCODER, TINY_UNET, TINY_VAE
@@ -64,6 +65,12 @@ def test_two_step_run_writes_a_pipeline_that_generate_loads(parts, tmp_path, ope
             "training_config.yaml"} <= set(os.listdir(out))
     assert os.path.isfile(out / "validation" / "step-000001.png")
     assert AutoencoderKL.from_pretrained(out / "vae").config.scaling_factor == 0.8
+    # diffusers' own pipeline reads the folder as it is, and draws the same images
+    ours = LatentDiffusionPipeline.from_pretrained(out)
+    theirs = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
+    drawn = [pipe("rocket", num_inference_steps=3, guidance_scale=4.0, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).images for pipe in (ours, theirs)]
+    assert abs(drawn[0] - drawn[1]).max() <= 1e-4
     generated = subprocess.run(
         [sys.executable, "generate.py", "--model", str(out), "--prompt", "red heart", "--num_inference_steps", "2",
          "--output_dir", str(tmp_path / "images")], cwd=ROOT, capture_output=True, text=True,
