@@ -22,6 +22,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_vae  # noqa: E402
+from ldm.config import VAEConfig, parse_config  # noqa: E402
 
 DEFAULTS = ["--config", "configs/vae/demo.yaml", "--output_dir", "outputs/bench-vae", "--max_train_steps", "2000",
             "--validation_steps", "100", "--checkpointing_steps", "1000", "--report_to", "tensorboard"]
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget_minutes", type=float, default=10.0)
     args, flags = parser.parse_known_args(argv)
     train_argv = DEFAULTS + flags  # later flags win
-    output_dir = train_argv[len(train_argv) - 1 - train_argv[::-1].index("--output_dir") + 1]
+    output_dir = parse_config(VAEConfig, train_argv).output_dir
 
     start = time.time()
     result = train_vae.main(train_argv)

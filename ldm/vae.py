@@ -165,7 +165,7 @@ def train(config: VAEConfig) -> dict:
                      "data/unreadable_images": len(unreadable)}, step=global_step)
     logger.info(f"latent std {stats['std']:.4f}: scaling_factor = {stats['scaling_factor']:.4f}; "
                 f"skipped {len(unreadable)} unreadable training image(s) {unreadable[:20]}; "
-                f"saved the VAE to {config.output_dir}", main_process_only=True)
+                f"saved the VAE to {config.output_dir}")
     accelerator.end_training()
     return {"global_step": global_step, "scaling_factor": stats["scaling_factor"], **metrics,
             "unreadable_images": unreadable}

@@ -216,6 +216,19 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, tiny_vae_json):
     assert AutoencoderKL.from_pretrained(output_dir).config.scaling_factor == result["scaling_factor"]
 
 
+def test_fine_tunes_a_pretrained_vae_and_measures_its_scale_anew(tmp_path, squares):
+    torch.manual_seed(1)
+    pretrained = AutoencoderKL.from_config(TINY_VAE)
+    pretrained.save_pretrained(tmp_path / "pretrained")
+    output_dir = str(tmp_path / "tuned")
+    # A learning rate of 1e-9 leaves the weights where they started: the pretrained ones.
+    main(tiny_run(output_dir, squares, "no-such-config.json", max_train_steps=1, learning_rate=1e-9,
+                  pretrained_vae_model_name_or_path=str(tmp_path / "pretrained")))
+    tuned = AutoencoderKL.from_pretrained(output_dir)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(tuned.parameters(), pretrained.parameters()))
+    assert tuned.config.scaling_factor != pretrained.config.scaling_factor
+
+
 def test_a_diverging_run_stops_with_a_clear_error_and_keeps_its_last_checkpoint(tmp_path, squares, tiny_vae_json):
     output_dir = str(tmp_path / "vae")
     # A learning rate of 1e30 makes the first update's weights overflow on the next forward.

@@ -61,7 +61,8 @@ def test_checkpoints_rotate_and_resume_restores_model_optimizer_schedule_and_ema
         save_checkpoint(accelerator, config.output_dir, step, config.checkpoints_total_limit, config)
     assert [os.path.basename(p) for p in complete_checkpoints(config.output_dir)] == ["checkpoint-2", "checkpoint-3"]
     assert not [name for name in os.listdir(config.output_dir) if name.endswith(".partial")]
-    assert parse_config(TrainConfig, ["--config", str(tmp_path / "run" / "checkpoint-3" / "training_config.yaml")]) == config
+    saved_config = tmp_path / "run" / "checkpoint-3" / "training_config.yaml"
+    assert parse_config(TrainConfig, ["--config", str(saved_config)]) == config
     saved, saved_ema, saved_lr = weights(model), [p.clone() for p in ema.shadow_params], scheduler.get_last_lr()
 
     train_step(model, optimizer, scheduler, ema)  # moves everything on, past the checkpoint
