@@ -171,6 +171,18 @@ def save_validation_grid(grid, output_dir: str, accelerator: Accelerator, step: 
     return path
 
 
+def finish_training(accelerator: Accelerator) -> None:
+    """Close the trackers and the process group, after a barrier.
+
+    On CPU (gloo) a collective's work object can be freed on gloo's own thread, which needs the
+    GIL; if the process group is torn down while that is pending (the DDP wrappers are freed when
+    the trainer returns, and they hold the group), the main thread joins that thread while holding
+    the GIL and both wait forever. A barrier last releases the GIL until every process is here.
+    """
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
 def save_run_config(config: TrainConfig, output_dir: str) -> str:
     """The resolved settings beside the outputs, as YAML that `--config` reads back."""
     path = os.path.join(output_dir, RUN_CONFIG)

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ldm.config import VAEConfig, require_divisible
 from ldm.data import ImageCaptionDataset, SkipCounter, dataloader, load_splits
 from ldm.models import load_vae, vae_architecture, vae_scale_factor
-from ldm.training import (Throughput, averaged_weights, batch_generator, check_finite, find_checkpoint,
+from ldm.training import (Throughput, averaged_weights, batch_generator, check_finite, find_checkpoint, finish_training,
                           make_accelerator, make_ema, make_optimizer, resume_state, resumed_batches, save_checkpoint,
                           save_run_config, save_validation_grid, shard, unreadable_rows)
 from ldm.vae_loss import PatchDiscriminator, autoencoder_loss, discriminator_loss, load_lpips
@@ -166,7 +166,7 @@ def train(config: VAEConfig) -> dict:
     logger.info(f"latent std {stats['std']:.4f}: scaling_factor = {stats['scaling_factor']:.4f}; "
                 f"skipped {len(unreadable)} unreadable training image(s) {unreadable[:20]}; "
                 f"saved the VAE to {config.output_dir}")
-    accelerator.end_training()
+    finish_training(accelerator)
     return {"global_step": global_step, "scaling_factor": stats["scaling_factor"], **metrics,
             "unreadable_images": unreadable}
 

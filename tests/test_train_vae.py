@@ -192,7 +192,7 @@ def test_two_processes_with_accelerate_launch(tmp_path, squares, tiny_vae_json):
                          validation_steps=2, use_discriminator="true", disc_start=1, disc_layers=2,
                          disc_channels=8, use_ema="true")]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
 
     checkpoint = os.listdir(os.path.join(output_dir, "checkpoint-3"))
