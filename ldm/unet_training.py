@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import gather_object
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
 from tqdm.auto import tqdm
 from transformers import CLIPTokenizer
@@ -31,7 +30,7 @@ from ldm.pipeline import LatentDiffusionPipeline
 from ldm.text import build_text_encoder, load_text_components, tokenize, train_tokenizer
 from ldm.training import (Throughput, batch_generator, check_finite, find_checkpoint,
                           make_accelerator, make_ema, make_optimizer, resume_state, save_checkpoint,
-                          save_run_config, save_validation_grid)
+                          save_run_config, save_validation_grid, finish_training, unreadable_rows)
 
 logger = get_logger(__name__)
 
@@ -194,11 +193,11 @@ def train(config: UNetConfig) -> dict:
         pipeline.save_pretrained(config.output_dir, safe_serialization=True)
         save_validation_grid(sample_grid(pipeline, config, accelerator.device), config.output_dir, accelerator,
                              global_step, "samples")
-    unreadable = len(set().union(*gather_object([skipped.rows]))) if not config.cache_latents else \
-        latents_cache.skipped
+    unreadable = latents_cache.skipped if config.cache_latents else len(
+        unreadable_rows(skipped, len(train_set), accelerator))
     logger.info(f"skipped {unreadable} unreadable image(s); saved the pipeline to {config.output_dir}",
                 main_process_only=True)
-    accelerator.end_training()
+    finish_training(accelerator)
     return {"global_step": global_step, "unreadable_images": unreadable, "images_per_second": meter.rate}
 
 
