@@ -29,7 +29,7 @@ from ldm.openmoji import default_cache_dir
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.text import build_text_encoder, load_text_components, tokenize, train_tokenizer
 from ldm.training import (Throughput, batch_generator, check_finite, find_checkpoint,
-                          make_accelerator, make_ema, make_optimizer, resume_state, save_checkpoint,
+                          make_accelerator, make_ema, make_optimizer, resume_state, resumed_batches, save_checkpoint,
                           save_run_config, save_validation_grid, finish_training, unreadable_rows)
 
 logger = get_logger(__name__)
@@ -108,7 +108,6 @@ def train(config: UNetConfig) -> dict:
     # 4. Resume: weights, optimizer, schedule, EMA, RNG states, step, and position in the data.
     steps_per_epoch = math.ceil(len(loader) / config.gradient_accumulation_steps)
     global_step, first_epoch, batches_to_skip = resume_state(accelerator, config, steps_per_epoch)
-    num_epochs = math.ceil(config.max_train_steps / steps_per_epoch)
     logger.info(f"{len(train_set)} training rows; {steps_per_epoch} steps per epoch on each of "
                 f"{accelerator.num_processes} process(es)")
 
@@ -117,72 +116,67 @@ def train(config: UNetConfig) -> dict:
     progress = tqdm(total=config.max_train_steps, initial=global_step, desc="train_unet",
                     disable=not accelerator.is_local_main_process)
     running, micro_batches, seen = 0.0, 0, 0
-    for epoch in range(first_epoch, num_epochs):
-        loader.set_epoch(epoch)
-        train_set.set_epoch(epoch)
-        skip = batches_to_skip if epoch == first_epoch else 0
-        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
-        for position, batch in enumerate(batches, start=skip):
-            if not config.cache_latents:
-                skipped.update(batch)
-                if not batch["indices"]:
-                    continue  # every image of this batch was unreadable
-            generator = batch_generator(config.seed, accelerator.process_index, epoch * len(loader) + position,
-                                        accelerator.device)
-            with accelerator.accumulate(*models):
-                mean, std = posterior(vae, batch, config.cache_latents)
-                latents = diffusion.normalise_latents(mean + std * torch.randn(
-                    mean.shape, generator=generator, device=mean.device), vae.config)
-                noise = diffusion.sample_noise(latents, config.noise_offset, generator)
-                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                          generator=generator, device=latents.device)
-                noisy = diffusion.noised(noise_scheduler, latents, noise, timesteps, config.input_perturbation,
-                                         generator)
-                conditioning = encode_captions(batch["captions"], texts, tokenizer, text_encoder, empty, empty_ids,
-                                               config.caption_dropout, generator)
-                prediction = unet(noisy, timesteps, conditioning).sample
-                per_sample = F.mse_loss(prediction.float(), diffusion.target(noise_scheduler, latents, noise, timesteps)
-                                        .float(), reduction="none").mean(dim=(1, 2, 3))
-                weights = (diffusion.min_snr_weights(diffusion.snr(noise_scheduler, timesteps), config.snr_gamma,
-                                                     config.prediction_type)
-                           if config.snr_gamma else torch.ones_like(per_sample))
-                loss = (weights * per_sample).mean()
-                check_finite(accelerator.reduce(loss.detach(), "mean"), global_step + 1)
+    for epoch, position, batch in resumed_batches(accelerator, loader, first_epoch, batches_to_skip):
+        if global_step >= config.max_train_steps:
+            break
+        if not config.cache_latents:
+            skipped.update(batch)
+            if not batch["indices"]:
+                continue  # every image of this batch was unreadable
+        generator = batch_generator(config.seed, accelerator.process_index, epoch * len(loader) + position,
+                                    accelerator.device)
+        with accelerator.accumulate(*models):
+            mean, std = posterior(vae, batch, config.cache_latents)
+            latents = diffusion.normalise_latents(mean + std * torch.randn(
+                mean.shape, generator=generator, device=mean.device), vae.config)
+            noise = diffusion.sample_noise(latents, config.noise_offset, generator)
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                      generator=generator, device=latents.device)
+            noisy = diffusion.noised(noise_scheduler, latents, noise, timesteps, config.input_perturbation,
+                                     generator)
+            conditioning = encode_captions(batch["captions"], texts, tokenizer, text_encoder, empty, empty_ids,
+                                           config.caption_dropout, generator)
+            prediction = unet(noisy, timesteps, conditioning).sample
+            per_sample = F.mse_loss(prediction.float(), diffusion.target(noise_scheduler, latents, noise, timesteps)
+                                    .float(), reduction="none").mean(dim=(1, 2, 3))
+            weights = (diffusion.min_snr_weights(diffusion.snr(noise_scheduler, timesteps), config.snr_gamma,
+                                                 config.prediction_type)
+                       if config.snr_gamma else torch.ones_like(per_sample))
+            loss = (weights * per_sample).mean()
+            check_finite(accelerator.reduce(loss.detach(), "mean"), global_step + 1)
 
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm:
-                    accelerator.clip_grad_norm_([p for m in models for p in m.parameters()], config.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and config.max_grad_norm:
+                accelerator.clip_grad_norm_([p for m in models for p in m.parameters()], config.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad()
 
-            add_bins(bins, per_sample.detach(), timesteps, noise_scheduler, config.loss_bins)
-            running += loss.item()
-            micro_batches += 1
-            seen += latents.shape[0] * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue
-            global_step += 1
-            if ema is not None:
-                ema.step(accelerator.unwrap_model(unet).parameters())
-            meter.update(seen)
-            logs = {"train/loss": running / micro_batches, "train/learning_rate": lr_scheduler.get_last_lr()[0],
-                    "train/images_per_second": meter.rate}
-            accelerator.log(logs, step=global_step)
-            progress.update(1)
-            progress.set_postfix(loss=f"{logs['train/loss']:.4f}", img_s=f"{meter.rate:.0f}")
-            running, micro_batches, seen = 0.0, 0, 0
+        add_bins(bins, per_sample.detach(), timesteps, noise_scheduler, config.loss_bins)
+        running += loss.item()
+        micro_batches += 1
+        seen += latents.shape[0] * accelerator.num_processes
+        if not accelerator.sync_gradients:
+            continue
+        global_step += 1
+        if ema is not None:
+            ema.step(accelerator.unwrap_model(unet).parameters())
+        meter.update(seen)
+        logs = {"train/loss": running / micro_batches, "train/learning_rate": lr_scheduler.get_last_lr()[0],
+                "train/images_per_second": meter.rate}
+        accelerator.log(logs, step=global_step)
+        progress.update(1)
+        progress.set_postfix(loss=f"{logs['train/loss']:.4f}", img_s=f"{meter.rate:.0f}")
+        running, micro_batches, seen = 0.0, 0, 0
 
-            if global_step % config.checkpointing_steps == 0:
-                save_checkpoint(accelerator, config.output_dir, global_step, config.checkpoints_total_limit, config)
-                meter.restart()
-            if global_step % config.validation_steps == 0 and global_step < config.max_train_steps:
-                log_bins(accelerator, bins, global_step)
-                bins = {}
-                validate(accelerator, config, vae, tokenizer, text_encoder, unet, ema, noise_scheduler, global_step)
-                meter.restart()
-            if global_step >= config.max_train_steps:
-                break
+        if global_step % config.checkpointing_steps == 0:
+            save_checkpoint(accelerator, config.output_dir, global_step, config.checkpoints_total_limit, config)
+            meter.restart()
+        if global_step % config.validation_steps == 0 and global_step < config.max_train_steps:
+            log_bins(accelerator, bins, global_step)
+            bins = {}
+            validate(accelerator, config, vae, tokenizer, text_encoder, unet, ema, noise_scheduler, global_step)
+            meter.restart()
     progress.close()
 
     # 6. The final pipeline, with the EMA weights when there are some.
