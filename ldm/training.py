@@ -105,6 +105,18 @@ def averaged_weights(ema: EMAModel | None, model: torch.nn.Module):
         ema.restore(model.parameters())
 
 
+def apply_gradients(accelerator: Accelerator, loss: torch.Tensor, parameters: list, optimizer, scheduler,
+                    max_grad_norm: float) -> None:
+    """Backward, clip the norm (0: no clipping) on the micro-batch that syncs gradients, then step
+    the optimizer and its LR schedule. The prepared optimizer skips its step until then."""
+    accelerator.backward(loss)
+    if accelerator.sync_gradients and max_grad_norm:
+        accelerator.clip_grad_norm_(parameters, max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad()
+
+
 def check_finite(loss: torch.Tensor, step: int) -> None:
     """Stop at the first NaN or infinite loss, before it reaches the weights or a checkpoint."""
     if not torch.isfinite(loss).all():

@@ -28,7 +28,7 @@ from ldm.models import read_architecture, vae_scale_factor
 from ldm.openmoji import default_cache_dir
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.text import build_text_encoder, load_text_components, tokenize, train_tokenizer
-from ldm.training import (Throughput, batch_generator, check_finite, find_checkpoint,
+from ldm.training import (Throughput, apply_gradients, batch_generator, check_finite, find_checkpoint,
                           make_accelerator, make_ema, make_optimizer, resume_state, resumed_batches, save_checkpoint,
                           save_run_config, save_validation_grid, finish_training, unreadable_rows)
 
@@ -145,12 +145,8 @@ def train(config: UNetConfig) -> dict:
             loss = (weights * per_sample).mean()
             check_finite(accelerator.reduce(loss.detach(), "mean"), global_step + 1)
 
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and config.max_grad_norm:
-                accelerator.clip_grad_norm_([p for m in models for p in m.parameters()], config.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad()
+            apply_gradients(accelerator, loss, [p for m in models for p in m.parameters()], optimizer, lr_scheduler,
+                            config.max_grad_norm)
 
         add_bins(bins, per_sample.detach(), timesteps, noise_scheduler, config.loss_bins)
         running += loss.item()

@@ -21,9 +21,10 @@ from tqdm.auto import tqdm
 from ldm.config import VAEConfig, require_divisible
 from ldm.data import ImageCaptionDataset, SkipCounter, dataloader, load_splits
 from ldm.models import load_vae, vae_architecture, vae_scale_factor
-from ldm.training import (Throughput, averaged_weights, batch_generator, check_finite, find_checkpoint, finish_training,
-                          make_accelerator, make_ema, make_optimizer, resume_state, resumed_batches, save_checkpoint,
-                          save_run_config, save_validation_grid, shard, unreadable_rows)
+from ldm.training import (Throughput, apply_gradients, averaged_weights, batch_generator, check_finite,
+                          find_checkpoint, finish_training, make_accelerator, make_ema, make_optimizer, resume_state,
+                          resumed_batches, save_checkpoint, save_run_config, save_validation_grid, shard,
+                          unreadable_rows)
 from ldm.vae_loss import PatchDiscriminator, autoencoder_loss, discriminator_loss, load_lpips
 
 logger = get_logger(__name__)
@@ -114,19 +115,11 @@ def train(config: VAEConfig) -> dict:
                 values = accelerator.reduce(torch.stack([t.detach().float() for t in terms.values()]), "mean")
                 check_finite(values[0], global_step + 1)  # values[0] is the loss, averaged over processes
 
-                accelerator.backward(terms["loss"])
-                if accelerator.sync_gradients and config.max_grad_norm:
-                    accelerator.clip_grad_norm_(autoencoder.parameters(), config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
+                apply_gradients(accelerator, terms["loss"], list(autoencoder.parameters()), optimizer, scheduler,
+                                config.max_grad_norm)
                 if gan_on:
-                    accelerator.backward(d_terms["discriminator"])
-                    if accelerator.sync_gradients and config.max_grad_norm:
-                        accelerator.clip_grad_norm_(discriminator.parameters(), config.max_grad_norm)
-                    d_optimizer.step()
-                    d_scheduler.step()
-                    d_optimizer.zero_grad()
+                    apply_gradients(accelerator, d_terms["discriminator"], list(discriminator.parameters()),
+                                    d_optimizer, d_scheduler, config.max_grad_norm)
 
             running = values if running is None else running + values
             micro_batches += 1
