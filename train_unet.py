@@ -8,7 +8,7 @@ generate.py loads. See ldm/unet_training.py for the loop and ldm/diffusion.py fo
 
 from __future__ import annotations
 
-from ldm.config import UNetConfig, parse_config
+from ldm.config import UNetConfig, parse_config, run_script
 from ldm.unet_training import train
 
 
@@ -17,4 +17,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from ldm.config import VAEConfig, parse_config
+from ldm.config import VAEConfig, parse_config, run_script
 from ldm.vae import train
 
 
@@ -20,4 +20,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

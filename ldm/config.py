@@ -10,12 +10,17 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import sys
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 import yaml
+from huggingface_hub import constants, get_token
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from transformers import HfArgumentParser
 
 
@@ -82,9 +87,37 @@ class TrainConfig(DataConfig):
     validation_steps: int = 500
     logging_dir: str = field(default="logs", metadata={"help": "TensorBoard folder, relative to output_dir"})
     report_to: Literal["tensorboard", "none"] = "tensorboard"
+    push_to_hub: bool = field(default=False, metadata={
+        "help": "upload the final output_dir to the Hugging Face Hub, with a model card (see ldm/hub.py)"})
+    hub_model_id: Optional[str] = field(default=None, metadata={
+        "help": "the repository to push to: 'user/name', or 'name' under your account; default: output_dir's name"})
+    hub_private: bool = field(default=False, metadata={"help": "create the repository private"})
+    hub_token: Optional[str] = field(default=None, repr=False, metadata={
+        "help": "default: HF_TOKEN or the token `hf auth login` saved; never written to configs or logs"})
+    hub_license: Optional[str] = field(default=None, metadata={
+        "help": "the model card's license id; default: cc-by-sa-4.0 for openmoji (the data's), else 'other'"})
+
+    def __post_init__(self):
+        # The token leaves the settings at once, so nothing that writes or logs them (training_config.yaml,
+        # checkpoints, TensorBoard's hparams) can leak it; `hub_credentials()` hands it to the push.
+        self._hub_token, self.hub_token = self.hub_token, None
+
+    def hub_credentials(self) -> str:
+        return hub_token(self._hub_token)
+
+    def hub_repo_id(self) -> str:
+        return self.hub_model_id or os.path.basename(os.path.normpath(self.output_dir))
 
     def validate(self) -> None:
         super().validate()
+        if self.push_to_hub:  # checked now: the push comes at the end of the run
+            self.hub_credentials()
+            if constants.is_offline_mode():
+                raise ConfigError("push_to_hub needs the Hub, but HF_HUB_OFFLINE is set")
+            try:
+                validate_repo_id(self.hub_repo_id())
+            except HFValidationError as error:
+                raise ConfigError(f"hub_model_id {self.hub_repo_id()!r} is not a Hub repository id: {error}") from None
         for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps",
                      "checkpointing_steps", "validation_steps"):
             require(getattr(self, name) > 0, name, getattr(self, name), "a positive integer")
@@ -94,6 +127,15 @@ class TrainConfig(DataConfig):
         require(0 < self.ema_decay < 1, "ema_decay", self.ema_decay, "a number in (0, 1)")
         require(self.checkpoints_total_limit is None or self.checkpoints_total_limit > 0,
                 "checkpoints_total_limit", self.checkpoints_total_limit, "a positive count or null")
+
+
+def hub_token(explicit: str | None) -> str:
+    """The token to push with: `explicit`, else HF_TOKEN or the one `hf auth login` saved."""
+    token = explicit or get_token()
+    if not token:
+        raise ConfigError("pushing to the Hugging Face Hub needs a token with write access: log in with "
+                          "`hf auth login` (formerly `huggingface-cli login`), set HF_TOKEN, or pass --hub_token")
+    return token
 
 
 def require(ok: bool, key: str, value, valid: str) -> None:
@@ -183,6 +225,16 @@ def describe(hint) -> str:
     if origin is list:
         return f"a list of {describe(args[0])}"
     return "null" if hint is type(None) else hint.__name__
+
+
+def run_script(main: Callable[[], object]) -> None:
+    """Run a script's `main`; a ConfigError ends it as argparse's own errors do, with the message and
+    exit code 2, not a traceback."""
+    try:
+        main()
+    except ConfigError as error:
+        print(f"{os.path.basename(sys.argv[0])}: error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 def save_config(config, path: str) -> None:

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from huggingface_hub.utils import HFValidationError, validate_repo_id
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from transformers import HfArgumentParser
 
+from ldm.hub import HubError, find_model, is_hub_id, named_revision
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.schedulers import resolve_scheduler, scheduler_name
 
@@ -114,23 +114,27 @@ def load_pipeline(model: str, revision: str | None, dtype: torch.dtype) -> Laten
         if not os.path.isfile(os.path.join(model, "model_index.json")):
             raise ValueError(f"{model} is not a pipeline folder: it has no model_index.json (a saved pipeline "
                              "holds model_index.json, vae/, text_encoder/, tokenizer/, unet/ and scheduler/)")
-    elif not _could_be_hub_id(model):
+    elif not is_hub_id(model):
         raise ValueError(f"model folder {model} does not exist")
+    else:
+        check_hub_pipeline(model, revision)
     try:
-        return LatentDiffusionPipeline.from_pretrained(model, revision=revision, dtype=dtype)
+        return LatentDiffusionPipeline.from_pretrained(model, revision=named_revision(revision), dtype=dtype)
     except (OSError, ValueError) as error:
         where = "the folder" if os.path.isdir(model) else "the Hugging Face Hub (it is not a local folder either)"
         raise ValueError(f"could not load a pipeline {model!r} from {where}: {error}") from error
 
 
-def _could_be_hub_id(model: str) -> bool:
-    if os.path.isabs(model) or model.startswith((".", "~")) or model.count("/") > 1:
-        return False
+def check_hub_pipeline(model: str, revision: str | None) -> None:
+    """The repository's model_index.json, from the Hub or the cache, before any weights: a missing
+    repository or revision, an offline machine and a repository that is no pipeline each get their reason."""
     try:
-        validate_repo_id(model)
-    except HFValidationError:
-        return False
-    return True
+        found = find_model(model, revision)
+    except HubError as error:
+        raise ValueError(f"could not load a pipeline {model!r} from the Hugging Face Hub: {error}") from None
+    if not found.is_pipeline:
+        raise ValueError(f"{model} holds a single {found.class_name}, not a pipeline: generate.py needs a text-to-image "
+                         "pipeline (model_index.json with vae/, text_encoder/, tokenizer/, unet/ and scheduler/)")
 
 
 def check_size(pipe: LatentDiffusionPipeline, height: int, width: int) -> None:

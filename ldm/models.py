@@ -13,6 +13,7 @@ import json
 from diffusers import AutoencoderKL
 
 from ldm.config import ConfigError, VAEConfig
+from ldm.hub import HubError, find_model
 
 
 def read_architecture(path: str, model_class: type) -> dict:
@@ -40,8 +41,23 @@ def check_architecture(architecture: dict, model_class: type, source: str) -> No
 def vae_architecture(config: VAEConfig) -> dict:
     """The architecture train_vae.py will train: the pretrained model's, or `vae_config`'s."""
     if config.pretrained_vae_model_name_or_path is not None:
+        require_vae(config.pretrained_vae_model_name_or_path, None, "pretrained_vae_model_name_or_path")
         return dict(AutoencoderKL.load_config(config.pretrained_vae_model_name_or_path))
     return read_architecture(config.vae_config, AutoencoderKL)
+
+
+def require_vae(name_or_path: str, revision: str | None, option: str) -> None:
+    """Fail before any work, naming `option`, unless the folder or Hub repository holds an AutoencoderKL
+    (a config.json at its root): a missing one, a missing revision, an offline machine without a
+    cached copy, and another kind of model each say so."""
+    try:
+        found = find_model(name_or_path, revision)
+    except HubError as error:
+        raise HubError(f"{option}: {error}") from None
+    if found.is_pipeline or found.class_name != AutoencoderKL.__name__:
+        held = f"the pipeline {found.class_name}" if found.is_pipeline else f"a {found.class_name}"
+        raise ConfigError(f"{option} {name_or_path!r} holds {held}, not a VAE (an AutoencoderKL's config.json at "
+                          "its root, as train_vae.py writes)")
 
 
 def vae_scale_factor(architecture: dict) -> int:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from ldm.hub import find_model
 
 MODEL_MAX_LENGTH = 77  # CLIP's context; without it truncation has no limit to cut at
 
@@ -57,24 +58,12 @@ def load_text_components(name_or_path: str, revision: str | None = None):
     A diffusers pipeline folder keeps them in `tokenizer/` and `text_encoder/` subfolders;
     a plain CLIP checkpoint keeps both at its root.
     """
-    is_pipeline = os.path.isfile(os.path.join(name_or_path, "model_index.json")) or _hub_has_model_index(
-        name_or_path, revision)
+    is_pipeline = find_model(name_or_path, revision).is_pipeline
     tokenizer_kwargs = {"subfolder": "tokenizer"} if is_pipeline else {}
     encoder_kwargs = {"subfolder": "text_encoder"} if is_pipeline else {}
     tokenizer = CLIPTokenizer.from_pretrained(name_or_path, revision=revision, **tokenizer_kwargs)
     text_encoder = CLIPTextModel.from_pretrained(name_or_path, revision=revision, **encoder_kwargs)
     return tokenizer, text_encoder
-
-
-def _hub_has_model_index(name_or_path: str, revision: str | None) -> bool:
-    if os.path.isdir(name_or_path):
-        return False
-    from huggingface_hub import file_exists
-
-    try:
-        return file_exists(name_or_path, "model_index.json", revision=revision)
-    except Exception:  # offline or unknown repo: from_pretrained below gives the real error
-        return False
 
 
 def tokenize(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:

@@ -24,7 +24,8 @@ from ldm import diffusion
 from ldm.caches import LatentCache, TextCache, load_or_build_latents, load_or_build_texts
 from ldm.config import ConfigError, UNetConfig, require_divisible
 from ldm.data import EpochDataset, ImageCaptionDataset, SkipCounter, dataloader, load_splits, pick_caption
-from ldm.models import read_architecture, vae_scale_factor
+from ldm.hub import find_model, finish_run
+from ldm.models import read_architecture, require_vae, vae_scale_factor
 from ldm.openmoji import default_cache_dir
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.text import build_text_encoder, load_text_components, tokenize, train_tokenizer
@@ -188,7 +189,10 @@ def train(config: UNetConfig) -> dict:
     logger.info(f"skipped {unreadable} unreadable image(s); saved the pipeline to {config.output_dir}",
                 main_process_only=True)
     finish_training(accelerator)
-    return {"global_step": global_step, "unreadable_images": unreadable, "images_per_second": meter.rate}
+    result = {"global_step": global_step, "unreadable_images": unreadable, "images_per_second": meter.rate}
+    if accelerator.is_main_process:
+        finish_run(config, result)
+    return result
 
 
 def stack_rows(rows: list[dict]) -> dict:
@@ -202,12 +206,7 @@ def stack_rows(rows: list[dict]) -> dict:
 def load_frozen_vae(config: UNetConfig) -> AutoencoderKL:
     """The VAE of a train_vae.py output folder or a Hub id, in eval mode with gradients off."""
     path = config.pretrained_vae_model_name_or_path
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
-        raise ConfigError(f"pretrained_vae_model_name_or_path {path!r} has no config.json: it is not a saved "
-                          "VAE (train_vae.py writes one at the root of its output_dir)")
-    if not os.path.isdir(path) and (path.startswith((".", os.sep)) or path.count("/") > 1):
-        raise ConfigError(f"pretrained_vae_model_name_or_path {path!r} does not exist; "
-                          "train one with train_vae.py or give a Hub id")
+    require_vae(path, config.revision, "pretrained_vae_model_name_or_path")
     vae = AutoencoderKL.from_pretrained(path, revision=config.revision)
     return vae.eval().requires_grad_(False)
 
@@ -218,7 +217,7 @@ def load_unet(config: UNetConfig) -> UNet2DConditionModel:
     if source is None:
         torch.manual_seed(config.seed)
         return UNet2DConditionModel.from_config(read_architecture(config.unet_config, UNet2DConditionModel))
-    subfolder = "unet" if os.path.isdir(os.path.join(source, "unet")) or not os.path.isdir(source) else None
+    subfolder = "unet" if find_model(source, config.revision).is_pipeline else None
     return UNet2DConditionModel.from_pretrained(source, subfolder=subfolder, revision=config.revision)
 
 

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ldm.config import VAEConfig, require_divisible
 from ldm.data import ImageCaptionDataset, SkipCounter, dataloader, load_splits
+from ldm.hub import finish_run
 from ldm.models import load_vae, vae_architecture, vae_scale_factor
 from ldm.training import (Throughput, apply_gradients, averaged_weights, batch_generator, check_finite,
                           find_checkpoint, finish_training, make_accelerator, make_ema, make_optimizer, resume_state,
@@ -160,8 +161,11 @@ def train(config: VAEConfig) -> dict:
                 f"skipped {len(unreadable)} unreadable training image(s) {unreadable[:20]}; "
                 f"saved the VAE to {config.output_dir}")
     finish_training(accelerator)
-    return {"global_step": global_step, "scaling_factor": stats["scaling_factor"], **metrics,
-            "unreadable_images": unreadable}
+    result = {"global_step": global_step, "scaling_factor": stats["scaling_factor"], **metrics,
+              "unreadable_images": unreadable}
+    if accelerator.is_main_process:
+        finish_run(config, result)
+    return result
 
 
 def reconstruct(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,300 @@
+"""Sharing on the Hugging Face Hub: push a saved pipeline or VAE with a model card, and find out what
+a folder or Hub repository holds before loading it, with a clear error for each way that can fail.
+
+    python -m ldm.hub push outputs/unet-demo your-name/emoji-diffusion [--hub_private] [--hub_license ID]
+
+Downloads go through huggingface_hub's cache (`HF_HUB_CACHE`), so a model fetched once also loads
+with `HF_HUB_OFFLINE=1`. `HF_ENDPOINT` points everything at another Hub-compatible server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import logging
+import os
+import sys
+from typing import NamedTuple
+
+import yaml
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData, constants, hf_hub_download
+from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError,
+                                    RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
+from huggingface_hub.utils import validate_repo_id
+
+from ldm.config import ConfigError, TrainConfig, hub_token
+
+logger = logging.getLogger(__name__)
+
+PIPELINE_INDEX = "model_index.json"  # at the root of a diffusers pipeline
+MODEL_CONFIG = "config.json"  # at the root of a single diffusers or transformers model
+METRICS = "metrics.json"
+RUN_CONFIG = "training_config.yaml"  # ldm.training.RUN_CONFIG, named here so `python -m ldm.hub` starts without torch
+# Training state that a model repository does not need: checkpoints hold optimizer and RNG states for
+# resuming, and folders with these suffixes are checkpoints being written or replaced.
+NOT_PUSHED = ("checkpoint-*", "*.partial", "*.replaced")
+OPENMOJI_LICENSE = "cc-by-sa-4.0"
+
+
+class HubError(ConfigError):
+    """A Hub repository, revision, token or cached file cannot be used; the message says which and why."""
+
+
+class ModelFiles(NamedTuple):
+    """What a model folder or Hub repository holds, according to the file that declares it."""
+
+    is_pipeline: bool  # model_index.json at its root
+    class_name: str  # the pipeline's or the model's class, as that file names it
+
+
+# ---------------------------------------------------------------- pull
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether `name` reads as a Hub repository id ('namespace/name' or 'name') rather than a path."""
+    if os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1:
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def find_model(name_or_path: str, revision: str | None = None) -> ModelFiles:
+    """Read model_index.json (a pipeline), or else config.json (a single model), of a local folder or a
+    Hub repository.
+
+    Hub files come through huggingface_hub's cache, so this works offline once they were fetched.
+    Raises HubError when the repository or revision does not exist, when the Hub cannot be reached
+    and the cache does not hold them, and when neither file is there.
+    """
+    if not os.path.isdir(name_or_path) and not is_hub_id(name_or_path):
+        raise HubError(f"{name_or_path!r} does not exist: it is not a folder, nor a Hub repository id "
+                       "('namespace/name')")
+    for filename in (PIPELINE_INDEX, MODEL_CONFIG):
+        try:
+            with open(fetch(name_or_path, filename, revision)) as file:
+                declared = json.load(file)
+        except (FileNotFoundError, HfHubHTTPError) as error:  # LocalEntryNotFoundError is a FileNotFoundError
+            missing = error
+            continue
+        class_name = declared.get("_class_name") or (declared.get("architectures") or [declared.get("model_type")])[0]
+        return ModelFiles(filename == PIPELINE_INDEX, class_name or "model of unknown class")
+    raise explain(name_or_path, named_revision(revision), missing)
+
+
+def named_revision(revision: str | None) -> str:
+    """"main" for None: the same to the Hub, but mirrors such as olah resolve only named revisions."""
+    return revision or constants.DEFAULT_REVISION
+
+
+def fetch(name_or_path: str, filename: str, revision: str | None) -> str:
+    """The path of `filename` in a local folder, or in the cached snapshot of a Hub repository."""
+    if os.path.isdir(name_or_path):
+        path = os.path.join(name_or_path, filename)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(path)
+        return path
+    return hf_hub_download(name_or_path, filename, revision=named_revision(revision))
+
+
+def explain(name_or_path: str, revision: str, error: Exception) -> HubError:
+    """The HubError for a folder or repository in which neither model_index.json nor config.json was found."""
+    if os.path.isdir(name_or_path):
+        return not_a_model(name_or_path)
+    if isinstance(error, LocalEntryNotFoundError):
+        reason = "HF_HUB_OFFLINE is set" if constants.is_offline_mode() else f"{constants.ENDPOINT} cannot be reached"
+        return HubError(f"{name_or_path} (revision {revision}) is not in the Hugging Face cache "
+                        f"({constants.HF_HUB_CACHE}) and {reason}; download it once while online")
+    if isinstance(error, GatedRepoError):
+        return HubError(f"{name_or_path} is gated: accept its conditions at {constants.ENDPOINT}/{name_or_path}, "
+                        "then log in with `hf auth login` or set HF_TOKEN")
+    if isinstance(error, RemoteEntryNotFoundError):
+        return not_a_model(f"{name_or_path} (revision {revision})")
+    if isinstance(error, (RepositoryNotFoundError, RevisionNotFoundError)):
+        return missing_repository_or_revision(name_or_path, revision)
+    return HubError(f"could not read {name_or_path} (revision {revision}) from {constants.ENDPOINT}: {error}")
+
+
+def missing_repository_or_revision(repo_id: str, revision: str) -> HubError:
+    """Which of the two is missing, told apart by the repository's refs: a mirror (olah) answers
+    "repository not found" for a missing revision or file as well, and the refs name the valid revisions."""
+    try:
+        refs = HfApi().list_repo_refs(repo_id)
+    except HfHubHTTPError:
+        return HubError(f"repository {repo_id} does not exist on {constants.ENDPOINT} (or it is private: log in "
+                        "with `hf auth login` or set HF_TOKEN)")
+    names = [ref.name for ref in refs.branches + refs.tags]
+    if revision not in names:
+        return HubError(f"revision {revision!r} does not exist in {repo_id}; its branches and tags are "
+                        f"{', '.join(names) or 'none'} (or give a commit id)")
+    return not_a_model(f"{repo_id} (revision {revision})")
+
+
+def not_a_model(where: str) -> HubError:
+    return HubError(f"{where} is not a pipeline or a model: it has neither {PIPELINE_INDEX} (a diffusers pipeline) "
+                    f"nor {MODEL_CONFIG} (a single model such as a VAE)")
+
+
+# ---------------------------------------------------------------- push
+
+
+def push(folder: str, repo_id: str, token: str | None = None, private: bool = False,
+         license: str | None = None) -> str:
+    """Upload a saved pipeline or VAE folder, with a model card as README.md, to `repo_id` in one commit,
+    creating the repository if needed. Returns the commit's URL.
+
+    The folder itself is left as it is: the card goes up from memory.
+    """
+    token = hub_token(token)
+    if not os.path.isdir(folder):
+        raise HubError(f"{folder} is not a folder: push a train_unet.py or train_vae.py output_dir")
+    found = find_model(folder)
+    if not found.is_pipeline and found.class_name != "AutoencoderKL":
+        raise HubError(f"{folder} holds a {found.class_name}; push a pipeline ({PIPELINE_INDEX}) or a VAE "
+                       "(an AutoencoderKL's config.json)")
+    settings = read_settings(folder)
+    api = HfApi(token=token)
+    try:
+        # private=None keeps the namespace's default visibility, as the Hub's own default does.
+        repo = api.create_repo(repo_id, private=private or None, exist_ok=True)
+        card = model_card(folder, repo.repo_id, found.is_pipeline, settings, license)
+        operations = [CommitOperationAdd(path, os.path.join(folder, path)) for path in files_to_push(folder, settings)]
+        operations.append(CommitOperationAdd("README.md", card.encode()))
+        kind = "pipeline" if found.is_pipeline else "VAE"
+        commit = api.create_commit(repo.repo_id, operations, commit_message=f"Upload the {kind} trained with ldm")
+    except HfHubHTTPError as error:
+        raise HubError(f"could not push {folder} to {repo_id} on {api.endpoint}: {str(error).splitlines()[0]}") from None
+    return commit.commit_url
+
+
+def finish_run(config: TrainConfig, metrics: dict) -> None:
+    """A trainer's last step, on the main process: metrics.json beside the model (the model card reports
+    it), then, with --push_to_hub, the upload of output_dir."""
+    with open(os.path.join(config.output_dir, METRICS), "w") as file:
+        # Numbers only: lists (such as the unreadable rows) stay in the training log.
+        json.dump({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, file, indent=2)
+    if not config.push_to_hub:
+        return
+    try:
+        url = push(config.output_dir, config.hub_repo_id(), config.hub_credentials(), config.hub_private,
+                   config.hub_license)
+    except HubError as error:
+        raise HubError(f"{error}. The model is saved in {config.output_dir}; push it again with "
+                       f"`python -m ldm.hub push {config.output_dir} {config.hub_repo_id()}`") from None
+    logger.info(f"pushed {config.output_dir} to {url}")
+
+
+def read_settings(folder: str) -> dict:
+    """The training config saved beside the model ({} for a folder saved by hand)."""
+    path = os.path.join(folder, RUN_CONFIG)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as file:
+        return yaml.safe_load(file) or {}
+
+
+def files_to_push(folder: str, settings: dict) -> list[str]:
+    """Every file of `folder` ('/'-separated, relative) but the training state and the TensorBoard logs;
+    a README.md is left out because the model card takes its place."""
+    skipped = NOT_PUSHED + (settings.get("logging_dir", "logs"), "README.md")
+
+    def kept(names: list[str]) -> list[str]:
+        return [name for name in names if not any(fnmatch.fnmatch(name, pattern) for pattern in skipped)]
+
+    paths = []
+    for root, folders, files in os.walk(folder):
+        relative = os.path.relpath(root, folder)
+        if relative == ".":  # the skipped names are those at the top of output_dir
+            folders[:], files = kept(folders), kept(files)
+        paths += [os.path.normpath(os.path.join(relative, name)).replace(os.sep, "/") for name in files]
+    return sorted(paths)
+
+
+def dataset_of(settings: dict) -> str | None:
+    if settings.get("train_data_dir"):
+        return os.path.basename(os.path.normpath(settings["train_data_dir"]))
+    return settings.get("dataset_name")
+
+
+def model_card(folder: str, repo_id: str, is_pipeline: bool, settings: dict, license: str | None = None) -> str:
+    """README.md for the Hub: YAML metadata (library, pipeline tag, license, dataset), then what the model
+    is and how to load it, its sample grid, its measured metrics, and the config it was trained with.
+
+    A VAE gets no pipeline tag: it does not draw images from text, and the Hub has no autoencoder task.
+    The license defaults to the data's: OpenMoji's CC BY-SA 4.0 binds models trained on it.
+    """
+    dataset = dataset_of(settings)
+    license = license or settings.get("hub_license") or (OPENMOJI_LICENSE if dataset == "openmoji" else "other")
+    data = ModelCardData(library_name="diffusers", pipeline_tag="text-to-image" if is_pipeline else None,
+                         license=license, datasets=[dataset] if dataset else None,
+                         tags=["latent-diffusion"] + (["text-to-image"] if is_pipeline else ["autoencoder", "vae"]))
+    sections = [f"# {repo_id}", describe(repo_id, is_pipeline)]
+    samples = sample_grid(folder)
+    if samples:
+        caption = "Samples for the validation prompts" if is_pipeline else "Held-out images (top) and reconstructions"
+        sections.append(f"## Samples\n\n{caption}:\n\n![samples]({samples})")
+    metrics_path = os.path.join(folder, METRICS)
+    if os.path.isfile(metrics_path):
+        with open(metrics_path) as file:
+            rows = "\n".join(f"| {name} | {value:.6g} |" for name, value in json.load(file).items())
+        sections.append(f"## Metrics\n\nMeasured at the end of training:\n\n| metric | value |\n|---|---:|\n{rows}")
+    if dataset:
+        sections.append(f"## Data\n\nTrained on `{dataset}`." + (
+            " The images are [OpenMoji](https://openmoji.org), the open-source emoji project, licensed under "
+            "[CC BY-SA 4.0](https://creativecommons.org/licenses/by-sa/4.0/); models trained on them and images "
+            "made with those models carry that attribution." if dataset == "openmoji" else ""))
+    if settings:
+        config = yaml.safe_dump(settings, sort_keys=False).strip()
+        sections.append(f"## Training config\n\n`{RUN_CONFIG}`, as the run resolved it:\n\n```yaml\n{config}\n```")
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n"))
+
+
+def describe(repo_id: str, is_pipeline: bool) -> str:
+    if is_pipeline:
+        return ("A text-to-image latent diffusion pipeline (CLIP text encoder, UNet2DConditionModel, AutoencoderKL) "
+                "in the diffusers layout, trained with ldm.\n\n```python\n"
+                "from diffusers import StableDiffusionPipeline  # or ldm.pipeline.LatentDiffusionPipeline\n\n"
+                f'pipe = StableDiffusionPipeline.from_pretrained("{repo_id}", safety_checker=None)\n'
+                'image = pipe("red heart", num_inference_steps=25).images[0]\n```\n\n'
+                f'or `python generate.py --model {repo_id} --prompt "red heart"`.')
+    return ("The autoencoder (AutoencoderKL) of a latent diffusion model, trained with ldm. Its config.json "
+            "carries the measured latent `scaling_factor`.\n\n```python\nfrom diffusers import AutoencoderKL\n\n"
+            f'vae = AutoencoderKL.from_pretrained("{repo_id}")\n```')
+
+
+def sample_grid(folder: str) -> str | None:
+    """The last validation grid the trainer saved, as a path relative to `folder`."""
+    validation = os.path.join(folder, "validation")
+    grids = sorted(fnmatch.filter(os.listdir(validation), "step-*.png")) if os.path.isdir(validation) else []
+    return f"validation/{grids[-1]}" if grids else None
+
+
+# ---------------------------------------------------------------- command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ldm.hub", description="Share models on the Hugging Face Hub.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    push_command = commands.add_parser("push", help="upload a saved pipeline or VAE folder with a model card, "
+                                                    "in one commit")
+    push_command.add_argument("folder", help="a train_unet.py or train_vae.py output_dir")
+    push_command.add_argument("repo_id", help="'user/name', or 'name' under your account")
+    push_command.add_argument("--hub_private", action="store_true", help="create the repository private")
+    push_command.add_argument("--hub_token", default=None, help="default: HF_TOKEN or the token `hf auth login` saved")
+    push_command.add_argument("--hub_license", default=None, help="license id for the model card; default: the "
+                                                                  "training config's, or the data's")
+    args = parser.parse_args(argv)
+    try:
+        url = push(args.folder, args.repo_id, args.hub_token, args.hub_private, args.hub_license)
+    except ConfigError as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2
+    print(url)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
