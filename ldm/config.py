@@ -114,10 +114,7 @@ class TrainConfig(DataConfig):
             self.hub_credentials()
             if constants.is_offline_mode():
                 raise ConfigError("push_to_hub needs the Hub, but HF_HUB_OFFLINE is set")
-            try:
-                validate_repo_id(self.hub_repo_id())
-            except HFValidationError as error:
-                raise ConfigError(f"hub_model_id {self.hub_repo_id()!r} is not a Hub repository id: {error}") from None
+            require_repo_id(self.hub_repo_id())
         for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps",
                      "checkpointing_steps", "validation_steps"):
             require(getattr(self, name) > 0, name, getattr(self, name), "a positive integer")
@@ -136,6 +133,13 @@ def hub_token(explicit: str | None) -> str:
         raise ConfigError("pushing to the Hugging Face Hub needs a token with write access: log in with "
                           "`hf auth login` (formerly `huggingface-cli login`), set HF_TOKEN, or pass --hub_token")
     return token
+
+
+def require_repo_id(repo_id: str) -> None:
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ConfigError(f"{repo_id!r} is not a Hub repository id ('user/name' or 'name'): {error}") from None
 
 
 def require(ok: bool, key: str, value, valid: str) -> None:

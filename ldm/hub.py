@@ -23,7 +23,7 @@ from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, HFValidation
                                     RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
 from huggingface_hub.utils import validate_repo_id
 
-from ldm.config import ConfigError, TrainConfig, hub_token
+from ldm.config import ConfigError, TrainConfig, hub_token, require_repo_id
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +149,7 @@ def push(folder: str, repo_id: str, token: str | None = None, private: bool = Fa
     The folder itself is left as it is: the card goes up from memory.
     """
     token = hub_token(token)
+    require_repo_id(repo_id)
     if not os.path.isdir(folder):
         raise HubError(f"{folder} is not a folder: push a train_unet.py or train_vae.py output_dir")
     found = find_model(folder)
