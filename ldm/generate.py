@@ -133,8 +133,9 @@ def check_hub_pipeline(model: str, revision: str | None) -> None:
     except HubError as error:
         raise ValueError(f"could not load a pipeline {model!r} from the Hugging Face Hub: {error}") from None
     if not found.is_pipeline:
-        raise ValueError(f"{model} holds a single {found.class_name}, not a pipeline: generate.py needs a text-to-image "
-                         "pipeline (model_index.json with vae/, text_encoder/, tokenizer/, unet/ and scheduler/)")
+        raise ValueError(f"{model} holds a single {found.class_name}, not a pipeline: generate.py needs a "
+                         "text-to-image pipeline (model_index.json with vae/, text_encoder/, tokenizer/, unet/ and "
+                         "scheduler/)")
 
 
 def check_size(pipe: LatentDiffusionPipeline, height: int, width: int) -> None:

@@ -167,7 +167,8 @@ def push(folder: str, repo_id: str, token: str | None = None, private: bool = Fa
         kind = "pipeline" if found.is_pipeline else "VAE"
         commit = api.create_commit(repo.repo_id, operations, commit_message=f"Upload the {kind} trained with ldm")
     except HfHubHTTPError as error:
-        raise HubError(f"could not push {folder} to {repo_id} on {api.endpoint}: {str(error).splitlines()[0]}") from None
+        reason = str(error).splitlines()[0]
+        raise HubError(f"could not push {folder} to {repo_id} on {api.endpoint}: {reason}") from None
     return commit.commit_url
 
 

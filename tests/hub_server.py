@@ -292,7 +292,8 @@ class UploadHandler(BaseHTTPRequestHandler):
         summary = header["value"]["summary"]
         with self.server.lock:
             sha = commit(folder, files, summary)
-        self.reply(200, {"success": True, "commitOid": sha, "commitUrl": f"{self.server.endpoint}/{repo_id}/commit/{sha}"})
+        url = f"{self.server.endpoint}/{repo_id}/commit/{sha}"
+        self.reply(200, {"success": True, "commitOid": sha, "commitUrl": url})
 
 
 def upload_mode(path: str) -> str:
