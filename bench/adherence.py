@@ -20,10 +20,10 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ldm.config import UNetConfig, parse_config  # noqa: E402
+from ldm.config import RUN_CONFIG, UNetConfig, parse_config  # noqa: E402
 from ldm.data import ImageCaptionDataset, load_splits  # noqa: E402
 from ldm.pipeline import LatentDiffusionPipeline  # noqa: E402
-from ldm.training import RUN_CONFIG, complete_checkpoints  # noqa: E402
+from ldm.training import complete_checkpoints  # noqa: E402
 
 
 def training_images(config: UNetConfig) -> tuple[torch.Tensor, list[str]]:

@@ -241,6 +241,9 @@ def run_script(main: Callable[[], object]) -> None:
         sys.exit(2)
 
 
+RUN_CONFIG = "training_config.yaml"  # the resolved settings, beside every output
+
+
 def save_config(config, path: str) -> None:
     """The resolved settings, as YAML that `--config` reads back."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

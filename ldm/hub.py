@@ -23,14 +23,13 @@ from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, HFValidation
                                     RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
 from huggingface_hub.utils import validate_repo_id
 
-from ldm.config import ConfigError, TrainConfig, hub_token, require_repo_id
+from ldm.config import RUN_CONFIG, ConfigError, TrainConfig, hub_token, require_repo_id
 
 logger = logging.getLogger(__name__)
 
 PIPELINE_INDEX = "model_index.json"  # at the root of a diffusers pipeline
 MODEL_CONFIG = "config.json"  # at the root of a single diffusers or transformers model
 METRICS = "metrics.json"
-RUN_CONFIG = "training_config.yaml"  # ldm.training.RUN_CONFIG, named here so `python -m ldm.hub` starts without torch
 # Training state that a model repository does not need: checkpoints hold optimizer and RNG states for
 # resuming, and folders with these suffixes are checkpoints being written or replaced.
 NOT_PUSHED = ("checkpoint-*", "*.partial", "*.replaced")

@@ -28,14 +28,13 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from PIL import Image
 
-from ldm.config import ConfigError, TrainConfig, save_config
+from ldm.config import RUN_CONFIG, ConfigError, TrainConfig, save_config
 from ldm.data import SkipCounter
 
 logger = get_logger(__name__)
 
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")  # a complete checkpoint; anything else in output_dir is not one
 PARTIAL_SUFFIX = ".partial"  # being written; renamed to checkpoint-<step> only once complete
-RUN_CONFIG = "training_config.yaml"
 
 
 class NonFiniteLossError(RuntimeError):
