@@ -2,7 +2,10 @@
 data trained the way diffusers' train_text_to_image.py does it (decode and transform the images,
 run the VAE encoder and the text encoder on every batch), measured side by side in one run.
 
-    .venv/bin/python bench/train_unet_speed.py [--steps 40] [--rounds 2] [--vae outputs/vae-demo]
+    .venv/bin/python bench/train_unet_speed.py [--steps 40] [--rounds 2] [--vae outputs/vae-demo] [train_unet flags]
+
+Any other flag goes to train_unet.py for both modes, e.g. `--train_text_encoder false` for a frozen
+text encoder, whose embeddings are then cached too (diffusers' script keeps it frozen).
 
 Also reports the UNet training step's achieved GFLOP/s against this machine's matmul GFLOP/s.
 """
@@ -67,13 +70,13 @@ def main() -> None:
     parser.add_argument("--vae", default="outputs/vae-demo", help="a trained VAE; a random one when missing")
     parser.add_argument("--steps", type=int, default=40, help="steps per run; images/s is over the last 20")
     parser.add_argument("--rounds", type=int, default=2)
-    args = parser.parse_args()
+    args, train_flags = parser.parse_known_args()
 
     work = tempfile.mkdtemp(prefix="bench-unet-")
     vae = args.vae if os.path.isdir(args.vae) else random_vae(os.path.join(work, "vae"))
     base = ["--config", args.config, "--pretrained_vae_model_name_or_path", vae, "--report_to", "none",
             "--checkpointing_steps", "100000", "--validation_steps", "100000", "--validation_prompts", "rocket",
-            "--validation_inference_steps", "1"]
+            "--validation_inference_steps", "1", *train_flags]
     config = parse_config(UNetConfig, base)
     rates = {True: [], False: []}
     for round_number in range(args.rounds):
@@ -89,11 +92,14 @@ def main() -> None:
                             config.tokenizer_max_length, hidden)
     achieved = flops * cached_rate / config.train_batch_size / 1e9
     fp32, bf16 = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16)
-    print(f"\n{config.resolution} px, batch {config.train_batch_size}, {args.steps} steps per run, "
+    text_side = "trained jointly" if config.train_text_encoder else "frozen"
+    print(f"\n{config.resolution} px, batch {config.train_batch_size}, text encoder {text_side}, "
+          f"{args.steps} steps per run, "
           f"{args.rounds} round(s), {torch.get_num_threads()} threads\n")
     print("| mode | images/s (median) | runs |")
     print("|---|---|---|")
-    print(f"| train_unet.py, cached latents + text embeddings | {cached_rate:.1f} | "
+    cached = "latents" if config.train_text_encoder else "latents + text embeddings"
+    print(f"| train_unet.py, cached {cached} | {cached_rate:.1f} | "
           f"{', '.join(f'{r:.1f}' for r in rates[True])} |")
     print(f"| diffusers-style: VAE + text encoder every batch | {plain_rate:.1f} | "
           f"{', '.join(f'{r:.1f}' for r in rates[False])} |")
