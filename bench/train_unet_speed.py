@@ -3,6 +3,8 @@ data trained the way diffusers' train_text_to_image.py does it (decode and trans
 run the VAE encoder and the text encoder on every batch), measured side by side in one run.
 
     .venv/bin/python bench/train_unet_speed.py [--steps 40] [--rounds 2] [--vae outputs/vae-demo] [train_unet flags]
+    .venv/bin/python bench/train_unet_speed.py --vae random --random_vae_config configs/models/vae_sd_f8.json \
+        --resolution 64 --max_train_samples 640 --train_text_encoder false --steps 25 --rounds 1
 
 Any other flag goes to train_unet.py for both modes, e.g. `--train_text_encoder false` for a frozen
 text encoder, whose embeddings are then cached too (diffusers' script keeps it frozen).
@@ -51,8 +53,9 @@ def unet_step_flops(config: UNetConfig, latent_shape: tuple, tokens: int, hidden
     return counter.get_total_flops()
 
 
-def random_vae(folder: str) -> str:
-    with open("configs/models/vae_demo.json") as f:
+def random_vae(folder: str, architecture: str) -> str:
+    """A VAE with random weights (throughput does not depend on them), saved where train_unet.py reads it."""
+    with open(architecture) as f:
         AutoencoderKL.from_config({**json.load(f), "scaling_factor": 1.0}).save_pretrained(folder)
     return folder
 
@@ -68,12 +71,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/unet/demo.yaml")
     parser.add_argument("--vae", default="outputs/vae-demo", help="a trained VAE; a random one when missing")
+    parser.add_argument("--random_vae_config", default="configs/models/vae_demo.json",
+                        help="the random VAE's architecture, e.g. configs/models/vae_sd_f8.json with --resolution 64 "
+                             "for Stable Diffusion's VAE on the demo's 8x8 latents")
     parser.add_argument("--steps", type=int, default=40, help="steps per run; images/s is over the last 20")
     parser.add_argument("--rounds", type=int, default=2)
     args, train_flags = parser.parse_known_args()
 
     work = tempfile.mkdtemp(prefix="bench-unet-")
-    vae = args.vae if os.path.isdir(args.vae) else random_vae(os.path.join(work, "vae"))
+    vae = args.vae if os.path.isdir(args.vae) else random_vae(os.path.join(work, "vae"), args.random_vae_config)
     base = ["--config", args.config, "--pretrained_vae_model_name_or_path", vae, "--report_to", "none",
             "--checkpointing_steps", "100000", "--validation_steps", "100000", "--validation_prompts", "rocket",
             "--validation_inference_steps", "1", *train_flags]
@@ -93,7 +99,9 @@ def main() -> None:
     achieved = flops * cached_rate / config.train_batch_size / 1e9
     fp32, bf16 = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16)
     text_side = "trained jointly" if config.train_text_encoder else "frozen"
-    print(f"\n{config.resolution} px, batch {config.train_batch_size}, text encoder {text_side}, "
+    vae_size = sum(p.numel() for p in AutoencoderKL.from_pretrained(vae).encoder.parameters()) / 1e6
+    print(f"\n{config.resolution} px, VAE encoder {vae_size:.1f}M parameters, batch {config.train_batch_size}, "
+          f"text encoder {text_side}, "
           f"{args.steps} steps per run, "
           f"{args.rounds} round(s), {torch.get_num_threads()} threads\n")
     print("| mode | images/s (median) | runs |")
