@@ -46,6 +46,11 @@ class ModelFiles(NamedTuple):
     is_pipeline: bool  # model_index.json at its root
     class_name: str  # the pipeline's or the model's class, as that file names it
 
+    @property
+    def is_vae(self) -> bool:
+        """A single AutoencoderKL: what train_vae.py writes and train_unet.py encodes with."""
+        return not self.is_pipeline and self.class_name == "AutoencoderKL"
+
 
 # ---------------------------------------------------------------- pull
 
@@ -152,7 +157,7 @@ def push(folder: str, repo_id: str, token: str | None = None, private: bool = Fa
     if not os.path.isdir(folder):
         raise HubError(f"{folder} is not a folder: push a train_unet.py or train_vae.py output_dir")
     found = find_model(folder)
-    if not found.is_pipeline and found.class_name != "AutoencoderKL":
+    if not (found.is_pipeline or found.is_vae):
         raise HubError(f"{folder} holds a {found.class_name}; push a pipeline ({PIPELINE_INDEX}) or a VAE "
                        "(an AutoencoderKL's config.json)")
     settings = read_settings(folder)

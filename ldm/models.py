@@ -54,7 +54,7 @@ def require_vae(name_or_path: str, revision: str | None, option: str) -> None:
         found = find_model(name_or_path, revision)
     except HubError as error:
         raise HubError(f"{option}: {error}") from None
-    if found.is_pipeline or found.class_name != AutoencoderKL.__name__:
+    if not found.is_vae:
         held = f"the pipeline {found.class_name}" if found.is_pipeline else f"a {found.class_name}"
         raise ConfigError(f"{option} {name_or_path!r} holds {held}, not a VAE (an AutoencoderKL's config.json at "
                           "its root, as train_vae.py writes)")
