@@ -5,24 +5,47 @@ cost of small-model training (diffusers' train_text_to_image.py does exactly tha
 are frozen, so their outputs are computed once, written beside the dataset cache, and reused by
 later runs and by every process. Each cache is keyed by everything its contents depend on, so a
 changed input builds a new one instead of silently reusing a stale one.
+
+The format is made to scale past what fits in RAM:
+- A cache is a folder of 🤗 datasets Arrow files, each holding a fixed range of `chunk_rows`
+  source rows (by global row index, so the chunks do not depend on how many processes built
+  them), and a `manifest.json` written last: the rows and bytes of each chunk, the tensor shapes,
+  the storage dtype and the key. Opening a cache reads the manifest and memory-maps the chunks;
+  no row is read until it is fetched, so every process shares the page cache instead of a copy.
+- Every process encodes the missing chunks it owns (chunk k belongs to process k mod N). Each
+  chunk is written under a temporary name and renamed, so a build killed at any moment loses at
+  most the chunk each process was writing, and a rerun, at any process count, encodes only the
+  missing ones. After one barrier the main process writes the manifest.
+- Tensors are stored flat (fixed-size Arrow lists, no per-row offsets: disk is the payload) in
+  float16 by default, which halves the disk and the reads; `--cache_dtype float32` keeps them exact.
 """
 
 from __future__ import annotations
 
+import functools
+import glob
 import hashlib
 import json
 import os
-import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
-from safetensors.torch import load_file, save_file
+from accelerate import PartialState
+from datasets.arrow_writer import ArrowWriter
 from tqdm.auto import tqdm
 
-from ldm.data import ImageCaptionDataset, dataloader
+from ldm.data import EpochDataset, ImageCaptionDataset, dataloader, pick_caption
 from ldm.text import tokenize
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: one safetensors file per cache, loaded whole into every process
+MANIFEST = "manifest.json"
+DTYPES = {"float16": np.float16, "float32": np.float32}
+CHUNK_ROWS = 1024  # source rows per chunk: 32 MiB of SD-sized latents with flips, 115 MiB of CLIP-L states
 
 
 def fingerprint_module(module: torch.nn.Module) -> str:
@@ -38,111 +61,6 @@ def key_of(**parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def write_atomically(folder: str, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """Write into a temporary folder and rename it, so a killed build never looks complete."""
-    partial = f"{folder}.partial-{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
-    os.makedirs(partial)
-    save_file({name: t.contiguous() for name, t in tensors.items()}, os.path.join(partial, "tensors.safetensors"))
-    with open(os.path.join(partial, "meta.json"), "w") as f:
-        json.dump(meta, f)
-    try:
-        os.rename(partial, folder)
-    except OSError:  # another run wrote the same cache first; the contents are identical
-        shutil.rmtree(partial, ignore_errors=True)
-
-
-def read(folder: str) -> tuple[dict[str, torch.Tensor], dict]:
-    with open(os.path.join(folder, "meta.json")) as f:
-        meta = json.load(f)
-    return load_file(os.path.join(folder, "tensors.safetensors")), meta
-
-
-@dataclass
-class LatentCache:
-    """VAE posteriors (mean and std, unscaled) of every readable image, both ways round when
-    random flip is on, and the captions of their rows."""
-
-    mean: torch.Tensor  # (rows, flips, C, h, w)
-    std: torch.Tensor
-    captions: list  # per row: a caption or a list of captions
-    skipped: int  # unreadable images left out
-    folder: str
-    built: bool  # False when read from disk
-
-
-@torch.no_grad()
-def encode_latents(vae, dataset: ImageCaptionDataset, flips: list[bool], batch_size: int,
-                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list, int]:
-    means, stds, captions, skipped = [], [], [], 0
-    loader = dataloader(dataset, batch_size=batch_size, shuffle=False)
-    for batch in tqdm(loader, desc="encoding latents", leave=False):
-        skipped += len(batch["skipped"])
-        if not batch["indices"]:
-            continue
-        pixels = batch["pixel_values"].to(device, vae.dtype)
-        posteriors = [vae.encode(pixels.flip(-1) if flip else pixels).latent_dist for flip in flips]
-        means.append(torch.stack([p.mean.float().cpu() for p in posteriors], dim=1))
-        stds.append(torch.stack([p.std.float().cpu() for p in posteriors], dim=1))
-        captions.extend(dataset.rows[i][dataset.caption_column] for i in batch["indices"])
-    return torch.cat(means), torch.cat(stds), captions, skipped
-
-
-def load_or_build_latents(vae, dataset: ImageCaptionDataset, random_flip: bool, cache_root: str,
-                          batch_size: int = 64, device: torch.device | str = "cpu") -> LatentCache:
-    """The latent cache of `dataset` under `vae`, built on first use.
-
-    Images are encoded center-cropped (and flipped when `random_flip`), so a random crop cannot be
-    cached; the training script refuses that combination.
-    """
-    transform = dataset.transform
-    key = key_of(format=FORMAT_VERSION, vae=fingerprint_module(vae), data=dataset.rows._fingerprint,
-                 image_column=dataset.image_column, caption_column=dataset.caption_column,
-                 resolution=transform.resolution, center_crop=transform.center_crop, random_flip=random_flip)
-    folder = os.path.join(cache_root, f"latents-{key}")
-    built = not os.path.isdir(folder)
-    if built:
-        flips = [False, True] if random_flip else [False]
-        mean, std, captions, skipped = encode_latents(vae, dataset, flips, batch_size, torch.device(device))
-        write_atomically(folder, {"mean": mean, "std": std}, {"captions": captions, "skipped": skipped})
-    tensors, meta = read(folder)
-    return LatentCache(tensors["mean"], tensors["std"], meta["captions"], meta["skipped"], folder, built)
-
-
-@dataclass
-class TextCache:
-    """The frozen text encoder's last hidden state for every caption, and for the empty prompt."""
-
-    embeddings: torch.Tensor  # (captions + 1, tokens, hidden)
-    index: dict[str, int]  # caption -> row of `embeddings`; "" is the empty prompt
-    folder: str
-    built: bool
-
-    def lookup(self, captions: list[str]) -> torch.Tensor:
-        return self.embeddings[[self.index[c] for c in captions]]
-
-    @property
-    def empty(self) -> torch.Tensor:
-        return self.embeddings[self.index[""]].unsqueeze(0)
-
-
-def all_captions(rows: list) -> list[str]:
-    """Every distinct caption, with "" (the unconditional prompt) first."""
-    unique = {""}
-    for caption in rows:
-        unique.update(caption if isinstance(caption, (list, tuple)) else [caption or ""])
-    return sorted(unique)
-
-
-@torch.no_grad()
-def encode_texts(tokenizer, text_encoder, captions: list[str], batch_size: int, device) -> torch.Tensor:
-    chunks = []
-    for start in tqdm(range(0, len(captions), batch_size), desc="encoding captions", leave=False):
-        ids = tokenize(tokenizer, captions[start:start + batch_size]).to(device)
-        chunks.append(text_encoder(ids)[0].float().cpu())
-    return torch.cat(chunks)
-
-
 def tokenizer_fingerprint(tokenizer) -> str:
     """A hash of the vocabulary, merges and normalisation; not of the padding and truncation
     settings, which the tokenizer changes on itself whenever it is called."""
@@ -152,17 +70,320 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return key_of(**definition)
 
 
-def load_or_build_texts(tokenizer, text_encoder, caption_rows: list, cache_root: str, batch_size: int = 256,
-                        device: torch.device | str = "cpu") -> TextCache:
-    captions = all_captions(caption_rows)
-    key = key_of(format=FORMAT_VERSION, text_encoder=fingerprint_module(text_encoder),
+# ---------------------------------------------------------------- the chunked format
+
+
+@dataclass
+class CacheLayout:
+    """What a cache holds: its tensor columns (name -> shape of one item; stored flat), its other
+    columns (name -> 🤗 feature), and how they are stored."""
+
+    tensors: dict[str, tuple[int, ...]]
+    others: dict[str, datasets.features.FeatureType]
+    dtype: str
+    nested: tuple[str, ...] = ()  # tensor columns holding a list of items per row (a row's captions)
+
+    def features(self) -> datasets.Features:
+        flat = {name: datasets.List(datasets.Value(self.dtype), length=int(np.prod(shape)))
+                for name, shape in self.tensors.items()}
+        return datasets.Features({**self.others, **{
+            name: datasets.List(item) if name in self.nested else item for name, item in flat.items()}})
+
+
+class ChunkedCache:
+    """An opened cache: its manifest, and its chunks memory-mapped as one Arrow-format 🤗 Dataset."""
+
+    def __init__(self, folder: str, encoded_now: int = 0):
+        self.folder, self.encoded_now = folder, encoded_now
+        with open(os.path.join(folder, MANIFEST)) as f:
+            self.manifest = json.load(f)
+        self.shapes = {name: tuple(shape) for name, shape in self.manifest["shapes"].items()}
+        chunks = [datasets.Dataset.from_file(os.path.join(folder, chunk["file"])) for chunk in self.manifest["chunks"]]
+        self.table = datasets.concatenate_datasets(chunks).with_format("arrow")
+
+    @property
+    def built(self) -> bool:
+        return self.encoded_now > 0
+
+    @property
+    def chunk_rows(self) -> list[int]:
+        """Rows in each chunk, in order (fewer than `chunk_rows` where images were unreadable)."""
+        return [chunk["rows"] for chunk in self.manifest["chunks"]]
+
+    @property
+    def skipped(self) -> int:
+        return sum(chunk["skipped"] for chunk in self.manifest["chunks"])
+
+    def __len__(self) -> int:
+        return self.manifest["rows"]
+
+    def take(self, indices: list[int]) -> pa.Table:
+        """Rows by position in the cache, in one gather."""
+        return self.table[indices]
+
+    def tensor(self, column: pa.Array | pa.ChunkedArray, name: str) -> torch.Tensor:
+        """A fixed-size-list column as a (rows, *shape) tensor in the storage dtype, without a copy
+        through Python objects."""
+        if isinstance(column, pa.ChunkedArray):
+            column = column.combine_chunks()
+        values = column.flatten().to_numpy(zero_copy_only=False)
+        return torch.from_numpy(values.reshape(len(column), *self.shapes[name]).copy())
+
+
+def chunk_file(index: int) -> str:
+    return f"chunk-{index:05d}.arrow"
+
+
+def load_or_build(folder: str, layout: CacheLayout, source_rows: int, chunk_rows: int,
+                  encode: Callable[[range], Iterator[pa.Table]], processes: PartialState, what: str,
+                  key_parts: dict) -> ChunkedCache:
+    """Open the cache in `folder`, first encoding the chunks that are missing.
+
+    `encode(rows)` yields Arrow tables of the layout's columns for the source rows `rows`. Every
+    process calls this; process p encodes the missing chunks k with k mod N = p.
+    """
+    encoded = 0
+    if not os.path.isfile(os.path.join(folder, MANIFEST)):
+        os.makedirs(folder, exist_ok=True)
+        ranges = [range(start, min(start + chunk_rows, source_rows)) for start in range(0, source_rows, chunk_rows)]
+        mine = [k for k in range(processes.process_index, len(ranges), processes.num_processes)
+                if not os.path.isfile(os.path.join(folder, chunk_file(k)))]
+        for k in tqdm(mine, desc=f"encoding {what}", disable=not mine):
+            write_chunk(os.path.join(folder, chunk_file(k)), layout, encode(ranges[k]))
+        encoded = len(mine)
+        processes.wait_for_everyone()
+        if processes.is_main_process:
+            write_manifest(folder, layout, ranges, chunk_rows, key_parts)
+        processes.wait_for_everyone()
+    return ChunkedCache(folder, encoded)
+
+
+def write_chunk(path: str, layout: CacheLayout, tables: Iterator[pa.Table]) -> None:
+    """Write under a temporary name, then rename: a chunk file that exists is complete."""
+    partial = f"{path}.partial-{os.getpid()}"
+    writer = ArrowWriter(features=layout.features(), path=partial)
+    try:
+        for table in tables:
+            writer.write_table(table)
+        writer.finalize()
+    finally:
+        writer.close()
+    os.replace(partial, path)
+
+
+def write_manifest(folder: str, layout: CacheLayout, ranges: list[range], chunk_rows: int, key_parts: dict) -> None:
+    """Count each chunk's rows and bytes (their Arrow footers, not their rows), then write the
+    manifest atomically; partial files of killed builds go."""
+    chunks = []
+    for k, source in enumerate(ranges):
+        path = os.path.join(folder, chunk_file(k))
+        table = datasets.Dataset.from_file(path).data
+        chunks.append({"file": chunk_file(k), "source_rows": [source.start, source.stop], "rows": table.num_rows,
+                       "skipped": len(source) - table.num_rows, "bytes": os.path.getsize(path),
+                       "payload_bytes": payload_bytes(table, layout)})
+    manifest = {"format": FORMAT_VERSION, "key": key_parts, "dtype": layout.dtype, "chunk_rows": chunk_rows,
+                "shapes": {name: list(shape) for name, shape in layout.tensors.items()},
+                "rows": sum(chunk["rows"] for chunk in chunks), "chunks": chunks}
+    partial = os.path.join(folder, f"{MANIFEST}.partial-{os.getpid()}")
+    with open(partial, "w") as f:
+        json.dump(manifest, f, indent=1)
+    os.replace(partial, os.path.join(folder, MANIFEST))
+    for leftover in glob.glob(os.path.join(folder, "*.partial-*")):
+        os.remove(leftover)
+
+
+def payload_bytes(table, layout: CacheLayout) -> int:
+    """The bytes of the tensors and the caption text a chunk holds: what any format must store."""
+    total = 0
+    for name in table.column_names:
+        column = table.column(name)
+        if name in layout.tensors:
+            values = pc.list_flatten(column) if name in layout.nested else column
+            total += len(pc.list_flatten(values)) * np.dtype(layout.dtype).itemsize
+        elif name == "captions":
+            total += pc.sum(pc.binary_length(pc.list_flatten(column))).as_py() or 0
+    return total
+
+
+def flat_column(array: np.ndarray, dtype: str, what: str) -> pa.FixedSizeListArray:
+    """(rows, ...) values as a fixed-size-list column in the storage dtype; values that overflow
+    it (float16 ends at 65504) stop the build rather than train on infinities."""
+    with np.errstate(over="ignore"):
+        stored = array.astype(DTYPES[dtype])
+    if np.isinf(stored).any() and not np.isinf(array).any():
+        raise ValueError(f"{what} reach {np.abs(array).max():.4g}, beyond {dtype}'s range; "
+                         "rebuild the cache with --cache_dtype float32")
+    rows = stored.reshape(len(stored), -1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(rows.ravel()), rows.shape[1])
+
+
+def caption_list(value) -> list[str]:
+    """A row's captions as a non-empty list of strings (a missing caption is the empty prompt)."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return [v if isinstance(v, str) else "" for v in values] or [""]
+
+
+# ---------------------------------------------------------------- latents
+
+
+def latent_layout(vae, resolution: int, flips: int, dtype: str) -> CacheLayout:
+    side = resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+    shape = (flips, vae.config.latent_channels, side, side)
+    return CacheLayout({"mean": shape, "std": shape},
+                       {"row": datasets.Value("int64"), "captions": datasets.List(datasets.Value("string"))}, dtype)
+
+
+@torch.no_grad()
+def encode_latents(vae, dataset: ImageCaptionDataset, flips: list[bool], batch_size: int, device: torch.device,
+                   layout: CacheLayout, rows: range) -> Iterator[pa.Table]:
+    """The posteriors (mean and std, unscaled) of the readable images among `rows`, both ways
+    round when flipping, with every caption of their rows. Batches start at the chunk's first row,
+    so a chunk's bits do not depend on which process encodes it."""
+    captions = dataset.rows.select_columns([dataset.caption_column])
+    loader = dataloader(torch.utils.data.Subset(dataset, rows), batch_size=batch_size, shuffle=False)
+    for batch in loader:
+        if not batch["indices"]:
+            continue
+        pixels = batch["pixel_values"].to(device, vae.dtype)
+        posteriors = [vae.encode(pixels.flip(-1) if flip else pixels).latent_dist for flip in flips]
+        columns = {"row": pa.array(batch["indices"], pa.int64()),
+                   "captions": pa.array([caption_list(c) for c in captions[batch["indices"]][dataset.caption_column]],
+                                        pa.list_(pa.string()))}
+        for name in ("mean", "std"):
+            stacked = torch.stack([getattr(p, name).float().cpu() for p in posteriors], dim=1).numpy()
+            columns[name] = flat_column(stacked, layout.dtype, f"latent {name}s")
+        yield pa.table(columns, schema=layout.features().arrow_schema)
+
+
+def load_or_build_latents(vae, dataset: ImageCaptionDataset, random_flip: bool, cache_root: str,
+                          dtype: str = "float16", chunk_rows: int = CHUNK_ROWS, batch_size: int = 64,
+                          processes: PartialState | None = None) -> ChunkedCache:
+    """The latent cache of `dataset` under `vae`, built on first use.
+
+    Images are encoded center-cropped (and flipped when `random_flip`), so a random crop cannot be
+    cached; the training script refuses that combination.
+    """
+    processes = processes or PartialState()
+    transform = dataset.transform
+    parts = dict(format=FORMAT_VERSION, vae=fingerprint_module(vae), data=dataset.rows._fingerprint,
+                 image_column=dataset.image_column, caption_column=dataset.caption_column,
+                 resolution=transform.resolution, center_crop=transform.center_crop, random_flip=random_flip,
+                 dtype=dtype, chunk_rows=chunk_rows)
+    flips = [False, True] if random_flip else [False]
+    layout = latent_layout(vae, transform.resolution, len(flips), dtype)
+    folder = os.path.join(cache_root, f"latents-{key_of(**parts)}")
+    encode = functools.partial(encode_latents, vae, dataset, flips, batch_size, processes.device, layout)
+    return load_or_build(folder, layout, len(dataset), chunk_rows, encode, processes, "latents", parts)
+
+
+# ---------------------------------------------------------------- text embeddings
+
+
+def text_layout(tokenizer, text_encoder, dtype: str) -> CacheLayout:
+    shape = (tokenizer.model_max_length, text_encoder.config.hidden_size)
+    return CacheLayout({"embeddings": shape}, {}, dtype, nested=("embeddings",))
+
+
+@torch.no_grad()
+def encode_texts(tokenizer, text_encoder, caption_rows: datasets.Dataset, caption_column: str, batch_size: int,
+                 device, layout: CacheLayout, rows: range) -> Iterator[pa.Table]:
+    """The last hidden state of every caption of each row in `rows`, as a list per row."""
+    per_row = [caption_list(c) for c in caption_rows[rows.start:rows.stop][caption_column]]
+    flat = [caption for captions in per_row for caption in captions]
+    states = [text_encoder(tokenize(tokenizer, flat[start:start + batch_size]).to(device))[0].float().cpu().numpy()
+              for start in range(0, len(flat), batch_size)]
+    embeddings = flat_column(np.concatenate(states), layout.dtype, "text embeddings")
+    offsets = pa.array(np.cumsum([0] + [len(captions) for captions in per_row]), pa.int32())
+    yield pa.table({"embeddings": pa.ListArray.from_arrays(offsets, embeddings)},
+                   schema=layout.features().arrow_schema)
+
+
+def load_or_build_texts(tokenizer, text_encoder, caption_rows: datasets.Dataset, caption_column: str,
+                        cache_root: str, dtype: str = "float16", chunk_rows: int = CHUNK_ROWS,
+                        batch_size: int = 256, processes: PartialState | None = None) -> ChunkedCache:
+    """The frozen text encoder's states for every caption of every source row, row i of the cache
+    holding row i's captions, so a latent row finds its text by its `row` without an index."""
+    processes = processes or PartialState()
+    parts = dict(format=FORMAT_VERSION, text_encoder=fingerprint_module(text_encoder),
                  tokenizer=tokenizer_fingerprint(tokenizer), max_length=tokenizer.model_max_length,
-                 captions=hashlib.sha256("\n".join(captions).encode()).hexdigest())
-    folder = os.path.join(cache_root, f"texts-{key}")
-    built = not os.path.isdir(folder)
-    if built:
-        embeddings = encode_texts(tokenizer, text_encoder, captions, batch_size, device)
-        write_atomically(folder, {"embeddings": embeddings}, {"captions": captions})
-    tensors, meta = read(folder)
-    index = {caption: row for row, caption in enumerate(meta["captions"])}
-    return TextCache(tensors["embeddings"], index, folder, built)
+                 data=caption_rows._fingerprint, caption_column=caption_column, dtype=dtype, chunk_rows=chunk_rows)
+    layout = text_layout(tokenizer, text_encoder, dtype)
+    folder = os.path.join(cache_root, f"texts-{key_of(**parts)}")
+    captions = caption_rows.select_columns([caption_column])
+    encode = functools.partial(encode_texts, tokenizer, text_encoder, captions, caption_column, batch_size,
+                               processes.device, layout)
+    return load_or_build(folder, layout, len(caption_rows), chunk_rows, encode, processes, "captions", parts)
+
+
+# ---------------------------------------------------------------- reading
+
+
+class CachedRows(EpochDataset):
+    """Training rows of a latent cache: the posterior of each image (a random flip of it when the
+    cache holds both) and one of its captions, or that caption's embedding when there is a text
+    cache. Every choice comes from (seed, epoch, row), so it does not depend on the order rows are
+    fetched in. Rows are fetched a batch at a time (`__getitems__`): one Arrow gather per cache."""
+
+    def __init__(self, latents: ChunkedCache, texts: ChunkedCache | None, seed: int):
+        self.latents, self.texts, self.seed = latents, texts, seed
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def __getitems__(self, indices: list[int]) -> dict:
+        rows = self.latents.take(indices)
+        rngs = [self.random_for(index) for index in indices]
+        flips = torch.tensor([rng.randrange(self.latents.shapes["mean"][0]) for rng in rngs])
+        picked = (torch.arange(len(indices)), flips)
+        batch = {name: self.latents.tensor(rows.column(name), name)[picked] for name in ("mean", "std")}
+        if self.texts is None:
+            batch["captions"] = [pick_caption(captions, rng)
+                                 for captions, rng in zip(rows.column("captions").to_pylist(), rngs)]
+        else:
+            batch["embeddings"] = self.text_embeddings(rows.column("row").to_pylist(), rngs)
+        return batch
+
+    def text_embeddings(self, source_rows: list[int], rngs) -> torch.Tensor:
+        """The embedding of one caption, chosen as `pick_caption` would, of each source row."""
+        lists = self.texts.take(source_rows).column("embeddings").combine_chunks()
+        counts = pc.list_value_length(lists).to_numpy()
+        starts = np.cumsum(counts) - counts
+        picks = starts + np.array([rng.randrange(count) for count, rng in zip(counts, rngs)], dtype=np.int64)
+        return self.texts.tensor(lists.flatten().take(pa.array(picks)), "embeddings")
+
+
+def as_batch(batch: dict) -> dict:
+    """The collate function for datasets that fetch whole batches: nothing left to do."""
+    return batch
+
+
+class ChunkShuffle(torch.utils.data.Sampler):
+    """An epoch's order over a chunked cache, with memory that does not grow with its rows: the
+    chunks in a random order, then the rows of each window of consecutive chunks (about
+    `window_rows` rows, a few chunks) in a random order, both drawn from (seed, epoch). A batch
+    therefore mixes rows from several chunks, and reads stay within a window of the files."""
+
+    def __init__(self, chunk_rows: list[int], seed: int, window_rows: int = 65536):
+        self.sizes, self.seed, self.window_rows, self.epoch = np.array(chunk_rows), seed, window_rows, 0
+        self.starts = np.cumsum(self.sizes) - self.sizes
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return int(self.sizes.sum())
+
+    def __iter__(self) -> Iterator[int]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        window: list[int] = []
+        for chunk in rng.permutation(len(self.sizes)):
+            window.append(chunk)
+            if self.sizes[window].sum() >= self.window_rows:
+                yield from self.shuffled(window, rng)
+                window = []
+        if window:
+            yield from self.shuffled(window, rng)
+
+    def shuffled(self, chunks: list[int], rng: np.random.Generator) -> list[int]:
+        rows = np.concatenate([np.arange(self.starts[c], self.starts[c] + self.sizes[c]) for c in chunks])
+        return rng.permutation(rows).tolist()

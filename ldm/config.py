@@ -329,7 +329,18 @@ class UNetConfig(TrainConfig):
     zero_terminal_snr: bool = False
     caption_dropout: float = field(default=0.1, metadata={"help": "share of captions replaced by '' (for CFG)"})
     cache_latents: bool = field(default=True, metadata={
-        "help": "encode images and captions once into on-disk caches; false encodes every step"})
+        "help": "encode images (and, with a frozen text encoder, captions) once into on-disk caches; "
+                "false encodes every step"})
+    cache_text_embeddings: bool = field(default=True, metadata={
+        "help": "with a frozen text encoder, cache its states too; false runs it in the step (token ids are "
+                "~750x smaller than CLIP-L states: the choice for millions of distinct captions)"})
+    cache_dtype: Literal["float16", "float32"] = field(default="float16", metadata={
+        "help": "storage dtype of the caches; float16 halves disk and reads"})
+    cache_chunk_rows: int = field(default=1024, metadata={
+        "help": "source rows per cache file; a killed build re-encodes at most one per process"})
+    streaming: bool = field(default=False, metadata={
+        "help": "read the dataset as a stream (🤗 datasets streaming, split across processes by shard), "
+                "for data bigger than the disk; the encoders run in the step and nothing is cached"})
     gradient_checkpointing: bool = False
     use_8bit_adam: bool = False
     validation_prompts: list[str] = field(default_factory=lambda: ["grinning face", "red heart"])
@@ -352,7 +363,18 @@ class UNetConfig(TrainConfig):
             require(getattr(self, name) > 0, name, getattr(self, name), "a positive integer")
         require(self.tokenizer_vocab_size > 258, "tokenizer_vocab_size", self.tokenizer_vocab_size,
                 "more than 258 (256 byte tokens and 2 special tokens come first)")
-        require(not (self.cache_latents and not self.center_crop), "center_crop", self.center_crop,
+        require(not (self.uses_caches and not self.center_crop), "center_crop", self.center_crop,
                 "true while cache_latents is on: a random crop differs every epoch and cannot be cached")
+        require(self.cache_chunk_rows > 0, "cache_chunk_rows", self.cache_chunk_rows, "a positive integer")
+        require(not (self.streaming and self.max_train_samples), "max_train_samples", self.max_train_samples,
+                "null with --streaming (datasets' take() does not split across processes)")
+        require(not (self.streaming and self.dataloader_num_workers), "dataloader_num_workers",
+                self.dataloader_num_workers, "0 with --streaming: the stream's position is saved in checkpoints "
+                "for exact resume, and worker processes would hold it out of reach")
+
+    @property
+    def uses_caches(self) -> bool:
+        """A stream is read once, as it comes: nothing is cached."""
+        return self.cache_latents and not self.streaming
         require(not (self.train_text_encoder and self.text_encoder_name_or_path), "train_text_encoder",
                 self.train_text_encoder, "false with a pretrained text encoder, which stays frozen")

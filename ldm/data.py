@@ -36,24 +36,32 @@ def load_splits(config: DataConfig) -> tuple[datasets.Dataset, datasets.Dataset]
     return tuple(undecoded(part, config) for part in (train, validation))
 
 
-def split(raw: datasets.DatasetDict, validation_fraction: float) -> tuple[datasets.Dataset, datasets.Dataset]:
+def train_split(raw: datasets.DatasetDict | datasets.IterableDatasetDict):
     if "train" not in raw:
         raise ConfigError(f"the dataset has no 'train' split; it has: {', '.join(raw)}")
+    return raw["train"]
+
+
+def split(raw: datasets.DatasetDict, validation_fraction: float) -> tuple[datasets.Dataset, datasets.Dataset]:
+    train = train_split(raw)
     held_out = next((name for name in VALIDATION_SPLITS if name in raw), None)
     if held_out is not None:
-        return raw["train"], raw[held_out]
-    if validation_fraction == 0 or len(raw["train"]) < 2:
-        return raw["train"], raw["train"].select([])
-    parts = raw["train"].train_test_split(test_size=validation_fraction, seed=SPLIT_SEED, shuffle=True)
+        return train, raw[held_out]
+    if validation_fraction == 0 or len(train) < 2:
+        return train, train.select([])
+    parts = train.train_test_split(test_size=validation_fraction, seed=SPLIT_SEED, shuffle=True)
     return parts["train"], parts["test"]
+
+
+def require_columns(column_names: list[str], config: DataConfig) -> None:
+    for key, column in (("image_column", config.image_column), ("caption_column", config.caption_column)):
+        if column not in column_names:
+            raise ConfigError(f"{key} {column!r} is not in the dataset; its columns are: {', '.join(column_names)}")
 
 
 def undecoded(dataset: datasets.Dataset, config: DataConfig) -> datasets.Dataset:
     """Check both columns exist, and keep images as bytes/paths so we decode them ourselves."""
-    for key, column in (("image_column", config.image_column), ("caption_column", config.caption_column)):
-        if column not in dataset.column_names:
-            raise ConfigError(f"{key} {column!r} is not in the dataset; its columns are: "
-                              f"{', '.join(dataset.column_names)}")
+    require_columns(dataset.column_names, config)
     if isinstance(dataset.features[config.image_column], datasets.Image):
         dataset = dataset.cast_column(config.image_column, datasets.Image(decode=False))
     return dataset
@@ -155,21 +163,31 @@ class ImageCaptionDataset(EpochDataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: int) -> dict | None:
-        row = self.rows[index]
+    def __getitem__(self, index: int) -> dict:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        """Rows fetched in one Arrow gather: fetching them one by one through datasets costs more
+        than decoding a small image."""
+        rows = self.rows[indices]
+        return [self.prepare(image, caption, index)
+                for image, caption, index in zip(rows[self.image_column], rows[self.caption_column], indices)]
+
+    def prepare(self, image, caption, index) -> dict:
+        """One row's training example, its random choices drawn from (seed, epoch, `index`)."""
         try:
-            picture = open_rgb(row[self.image_column])
+            picture = open_rgb(image)
         except (OSError, ValueError, SyntaxError):  # PIL raises all three for damaged files
             return {"index": index, "skipped": True}
         rng = self.random_for(index)
-        return {"index": index, "pixel_values": self.transform(picture, rng),
-                "caption": pick_caption(row[self.caption_column], rng)}
+        return {"index": index, "pixel_values": self.transform(picture, rng), "caption": pick_caption(caption, rng)}
 
 
 def pick_caption(caption, rng: random.Random) -> str:
-    """A row may hold several captions; each epoch sees one of them at random."""
+    """A row may hold several captions; each epoch sees one of them at random (by the same draw as
+    ldm.caches.CachedRows picks a cached embedding with)."""
     if isinstance(caption, (list, tuple)):
-        return rng.choice(caption) if caption else ""
+        return caption[rng.randrange(len(caption))] if caption else ""
     return caption or ""
 
 

@@ -19,6 +19,7 @@ import re
 import shutil
 import time
 from collections import deque
+from collections.abc import Callable
 
 import torch
 from accelerate import Accelerator
@@ -207,12 +208,14 @@ def save_run_config(config: TrainConfig, output_dir: str) -> str:
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, total_limit: int | None = None,
-                    config: TrainConfig | None = None) -> str:
+                    config: TrainConfig | None = None, add_files: Callable[[str], None] | None = None) -> str:
     """Everything `resume_state` needs, in `output_dir/checkpoint-<step>`, written atomically.
 
     It is written under a temporary name and renamed once complete, so a run killed at any
     moment leaves either a whole checkpoint or a `.partial` folder that nothing reads. Only then,
     and only on the main process, are the oldest checkpoints beyond `total_limit` removed.
+    `add_files(folder)`, called on every process, writes what else a resumed run needs (a stream's
+    position) into the checkpoint before it is complete.
     """
     final = os.path.join(output_dir, f"checkpoint-{step}")
     partial = final + PARTIAL_SUFFIX
@@ -222,6 +225,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, total_
     accelerator.save_state(partial)  # every process writes its own RNG state into it
     if config is not None and accelerator.is_main_process:
         save_run_config(config, partial)
+    if add_files is not None:
+        add_files(partial)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         replace_folder(partial, final)
@@ -270,8 +275,9 @@ def find_checkpoint(resume_from_checkpoint: str | None, output_dir: str) -> str 
 
 
 def resumed_batches(accelerator: Accelerator, loader, first_epoch: int, batches_to_skip: int):
-    """(epoch, position in the epoch, batch) from where `resume_state` left off, epoch after epoch
-    without end: the loop stops when it has taken its steps. Each epoch is reshuffled."""
+    """(batch number, batch) from where `resume_state` left off, epoch after epoch without end:
+    the loop stops when it has taken its steps. Each epoch is reshuffled. The batch number,
+    epoch × batches per epoch + position, seeds the batch's noise (`batch_generator`)."""
     if len(loader) == 0:
         raise ConfigError("the training set is empty: there is nothing to train on")
     for epoch in itertools.count(first_epoch):
@@ -280,23 +286,27 @@ def resumed_batches(accelerator: Accelerator, loader, first_epoch: int, batches_
             loader.dataset.set_epoch(epoch)  # ...and the random crops and flips
         skip = batches_to_skip if epoch == first_epoch else 0
         for position, batch in enumerate(accelerator.skip_first_batches(loader, skip) if skip else loader, skip):
-            yield epoch, position, batch
+            yield epoch * len(loader) + position, batch
 
 
-def resume_state(accelerator: Accelerator, config: TrainConfig, steps_per_epoch: int) -> tuple[int, int, int]:
-    """Load the checkpoint `config.resume_from_checkpoint` names, if any.
-
-    Returns (global_step, first_epoch, batches_to_skip): the optimizer steps already taken, the
-    epoch they stopped in, and how many of its batches were seen (for `skip_first_batches`).
-    Call it after `accelerator.prepare` and `register_for_checkpointing`.
-    """
+def load_checkpoint(accelerator: Accelerator, config: TrainConfig) -> tuple[int, str | None]:
+    """Load the checkpoint `config.resume_from_checkpoint` names, if any: (the optimizer steps it
+    had taken, its folder), or (0, None). Call it after `accelerator.prepare` and
+    `register_for_checkpointing`."""
     path = find_checkpoint(config.resume_from_checkpoint, config.output_dir)
     if path is None:
         if config.resume_from_checkpoint is not None:
             logger.info(f"no checkpoint in {config.output_dir} yet: starting a new run")
-        return 0, 0, 0
+        return 0, None
     logger.info(f"resuming from {path}")
     accelerator.load_state(path)
-    global_step = int(CHECKPOINT.fullmatch(os.path.basename(path)).group(1))
+    return int(CHECKPOINT.fullmatch(os.path.basename(path)).group(1)), path
+
+
+def resume_state(accelerator: Accelerator, config: TrainConfig, steps_per_epoch: int) -> tuple[int, int, int]:
+    """`load_checkpoint`, then (global_step, first_epoch, batches_to_skip): the optimizer steps
+    already taken, the epoch they stopped in, and how many of its batches were seen (for
+    `skip_first_batches`)."""
+    global_step, _ = load_checkpoint(accelerator, config)
     first_epoch, steps_into_epoch = divmod(global_step, steps_per_epoch)
     return global_step, first_epoch, steps_into_epoch * config.gradient_accumulation_steps

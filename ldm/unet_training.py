@@ -1,9 +1,10 @@
 """train_unet.py's work: a text-conditioned UNet2DConditionModel trained on the latents of a frozen
 VAE, exported with its VAE and text side as a LatentDiffusionPipeline folder.
 
-`train` is the one training loop. With `cache_latents` (the default) the frozen VAE and frozen text
-encoder run once over the data, into on-disk caches (ldm/caches.py); without it they run on every
-batch, as diffusers' train_text_to_image.py does.
+`train` is the one training loop. With `cache_latents` (the default) the frozen VAE, and a frozen
+text encoder, run once over the data into chunked on-disk caches (ldm/caches.py) that every process
+helps build and memory-maps. With `--streaming` (ldm/streaming.py) or `--cache_latents false` the
+encoders run on every batch instead, as diffusers' train_text_to_image.py does.
 """
 
 from __future__ import annotations
@@ -21,36 +22,21 @@ from tqdm.auto import tqdm
 from transformers import CLIPTokenizer
 
 from ldm import diffusion
-from ldm.caches import LatentCache, TextCache, load_or_build_latents, load_or_build_texts
+from ldm.caches import (CachedRows, ChunkedCache, ChunkShuffle, as_batch, caption_list, load_or_build_latents,
+                        load_or_build_texts)
 from ldm.config import ConfigError, UNetConfig, require_divisible
-from ldm.data import EpochDataset, ImageCaptionDataset, SkipCounter, dataloader, load_splits, pick_caption
+from ldm.data import ImageCaptionDataset, SkipCounter, dataloader, load_splits
 from ldm.hub import find_model, finish_run
 from ldm.models import read_architecture, require_vae, vae_scale_factor
 from ldm.openmoji import default_cache_dir
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.text import build_text_encoder, load_text_components, tokenize, train_tokenizer
-from ldm.training import (Throughput, apply_gradients, batch_generator, check_finite, find_checkpoint,
+from ldm.streaming import StreamBatches, load_stream_state, open_stream, save_stream_state
+from ldm.training import (Throughput, apply_gradients, batch_generator, check_finite, find_checkpoint, load_checkpoint,
                           make_accelerator, make_ema, make_optimizer, resume_state, resumed_batches, save_checkpoint,
                           save_run_config, save_validation_grid, finish_training, unreadable_rows)
 
 logger = get_logger(__name__)
-
-
-class CachedLatents(EpochDataset):
-    """Rows of a latent cache: the posterior of the image (a random flip of it when random flip is
-    on) and one of its captions."""
-
-    def __init__(self, cache: LatentCache, seed: int):
-        self.cache, self.seed = cache, seed
-
-    def __len__(self) -> int:
-        return len(self.cache.captions)
-
-    def __getitem__(self, index: int) -> dict:
-        rng = self.random_for(index)
-        flip = rng.randrange(self.cache.mean.shape[1])
-        return {"mean": self.cache.mean[index, flip], "std": self.cache.std[index, flip],
-                "caption": pick_caption(self.cache.captions[index], rng)}
 
 
 def train(config: UNetConfig) -> dict:
@@ -62,7 +48,7 @@ def train(config: UNetConfig) -> dict:
     accelerator = make_accelerator(config, "train_unet")
     if accelerator.is_main_process:
         save_run_config(config, config.output_dir)
-    train_rows, validation_rows = load_splits(config)
+    train_rows = open_stream(config) if config.streaming else load_splits(config)[0]
     tokenizer, text_encoder = text_side(config, train_rows, accelerator, resuming)
     unet = load_unet(config)
     check_cross_attention(unet, text_encoder)
@@ -70,27 +56,10 @@ def train(config: UNetConfig) -> dict:
     vae.to(accelerator.device)
     text_encoder.to(accelerator.device)
 
-    # 2. Data: cached latents and embeddings (built once, by the main process first), or images.
-    cache_root = config.cache_dir or default_cache_dir()
-    texts: TextCache | None = None
-    with accelerator.main_process_first():
-        if config.cache_latents:  # the cache holds center crops, both ways round when flipping
-            latents_cache = load_or_build_latents(vae, ImageCaptionDataset.from_config(train_rows, config, train=False),
-                                                  config.random_flip, cache_root, device=accelerator.device)
-            if not config.train_text_encoder:
-                texts = load_or_build_texts(tokenizer, text_encoder, latents_cache.captions, cache_root,
-                                            device=accelerator.device)
-    if config.cache_latents:
-        train_set = CachedLatents(latents_cache, config.seed)
-        logger.info(f"latent cache {latents_cache.folder} ({'built' if latents_cache.built else 'reused'}); "
-                    f"{latents_cache.skipped} unreadable image(s) left out")
-        loader = torch.utils.data.DataLoader(train_set, batch_size=config.train_batch_size, shuffle=True,
-                                             num_workers=config.dataloader_num_workers, collate_fn=stack_rows)
-    else:
-        train_set = ImageCaptionDataset.from_config(train_rows, config, seed=config.seed)
-        loader = dataloader(train_set, config.train_batch_size, shuffle=True, num_workers=config.dataloader_num_workers)
-    empty = texts.empty.to(accelerator.device) if texts is not None else None
+    # 2. Data: cached latents (and text embeddings), a stream, or images encoded in the step.
+    data = training_data(config, accelerator, train_rows, vae, tokenizer, text_encoder)
     empty_ids = tokenize(tokenizer, [""]).to(accelerator.device)
+    empty = cached_empty_prompt(text_encoder, empty_ids, config.cache_dtype) if data.texts_cached else None
 
     # 3. Models and optimizer: the UNet, and the text encoder when it trains jointly.
     if config.gradient_checkpointing:
@@ -101,33 +70,29 @@ def train(config: UNetConfig) -> dict:
     optimizer, lr_scheduler = make_optimizer([p for m in trained for p in m.parameters()], config, accelerator,
                                              optimizer_class=adam_class(config))
     ema = make_ema(unet, config, accelerator)
-    *models, optimizer, lr_scheduler, loader = accelerator.prepare(*trained, optimizer, lr_scheduler, loader)
+    *models, optimizer, lr_scheduler = accelerator.prepare(*trained, optimizer, lr_scheduler)
     unet = models[0]
     if config.train_text_encoder:
         text_encoder = models[1]
 
     # 4. Resume: weights, optimizer, schedule, EMA, RNG states, step, and position in the data.
-    steps_per_epoch = math.ceil(len(loader) / config.gradient_accumulation_steps)
-    global_step, first_epoch, batches_to_skip = resume_state(accelerator, config, steps_per_epoch)
-    logger.info(f"{len(train_set)} training rows; {steps_per_epoch} steps per epoch on each of "
-                f"{accelerator.num_processes} process(es)")
+    global_step, batches = data.resume(accelerator, config)
 
     # 5. The loop.
     skipped, meter, bins = SkipCounter(), Throughput(), {}
     progress = tqdm(total=config.max_train_steps, initial=global_step, desc="train_unet",
                     disable=not accelerator.is_local_main_process)
     running, micro_batches, seen = 0.0, 0, 0
-    for epoch, position, batch in resumed_batches(accelerator, loader, first_epoch, batches_to_skip):
+    for batch_number, batch in batches:
         if global_step >= config.max_train_steps:
             break
-        if not config.cache_latents:
+        if "indices" in batch:  # images decoded in the step: count the unreadable ones
             skipped.update(batch)
             if not batch["indices"]:
                 continue  # every image of this batch was unreadable
-        generator = batch_generator(config.seed, accelerator.process_index, epoch * len(loader) + position,
-                                    accelerator.device)
+        generator = batch_generator(config.seed, accelerator.process_index, batch_number, accelerator.device)
         with accelerator.accumulate(*models):
-            mean, std = posterior(vae, batch, config.cache_latents)
+            mean, std = posterior(vae, batch)
             latents = diffusion.normalise_latents(mean + std * torch.randn(
                 mean.shape, generator=generator, device=mean.device), vae.config)
             noise = diffusion.sample_noise(latents, config.noise_offset, generator)
@@ -135,8 +100,8 @@ def train(config: UNetConfig) -> dict:
                                       generator=generator, device=latents.device)
             noisy = diffusion.noised(noise_scheduler, latents, noise, timesteps, config.input_perturbation,
                                      generator)
-            conditioning = encode_captions(batch["captions"], texts, tokenizer, text_encoder, empty, empty_ids,
-                                           config.caption_dropout, generator)
+            conditioning = encode_captions(batch, tokenizer, text_encoder, empty, empty_ids, config.caption_dropout,
+                                           generator)
             prediction = unet(noisy, timesteps, conditioning).sample
             per_sample = F.mse_loss(prediction.float(), diffusion.target(noise_scheduler, latents, noise, timesteps)
                                     .float(), reduction="none").mean(dim=(1, 2, 3))
@@ -167,7 +132,8 @@ def train(config: UNetConfig) -> dict:
         running, micro_batches, seen = 0.0, 0, 0
 
         if global_step % config.checkpointing_steps == 0:
-            save_checkpoint(accelerator, config.output_dir, global_step, config.checkpoints_total_limit, config)
+            save_checkpoint(accelerator, config.output_dir, global_step, config.checkpoints_total_limit, config,
+                            data.add_checkpoint_files)
             meter.restart()
         if global_step % config.validation_steps == 0 and global_step < config.max_train_steps:
             log_bins(accelerator, bins, global_step)
@@ -184,8 +150,7 @@ def train(config: UNetConfig) -> dict:
         pipeline.save_pretrained(config.output_dir, safe_serialization=True)
         save_validation_grid(sample_grid(pipeline, config, accelerator.device), config.output_dir, accelerator,
                              global_step, "samples")
-    unreadable = latents_cache.skipped if config.cache_latents else len(
-        unreadable_rows(skipped, len(train_set), accelerator))
+    unreadable = data.unreadable(skipped, accelerator)
     logger.info(f"skipped {unreadable} unreadable image(s); saved the pipeline to {config.output_dir}",
                 main_process_only=True)
     finish_training(accelerator)
@@ -195,9 +160,83 @@ def train(config: UNetConfig) -> dict:
     return result
 
 
-def stack_rows(rows: list[dict]) -> dict:
-    return {"mean": torch.stack([r["mean"] for r in rows]), "std": torch.stack([r["std"] for r in rows]),
-            "captions": [r["caption"] for r in rows]}
+class TrainingData:
+    """Where the batches come from, and what resuming and checkpointing them takes.
+
+    - Caches (the default): the latent cache, and the text cache when the text encoder is frozen,
+      read with flat memory (ldm/caches.py), through a prepared DataLoader.
+    - A stream (`--streaming`): each process's own shards, outside Accelerate (ldm/streaming.py).
+    - Images (`--cache_latents false`): decoded and encoded in the step, through a prepared DataLoader.
+    """
+
+    def __init__(self, loader=None, stream: StreamBatches | None = None, latents: ChunkedCache | None = None,
+                 texts_cached: bool = False, rows: int | None = None):
+        self.loader, self.stream, self.latents, self.texts_cached, self.rows = loader, stream, latents, texts_cached, rows
+
+    def resume(self, accelerator: Accelerator, config: UNetConfig):
+        """Load the checkpoint to resume from, if any: (steps taken, (batch number, batch) from there on)."""
+        if self.stream is not None:
+            global_step, checkpoint = load_checkpoint(accelerator, config)
+            if checkpoint is not None:
+                load_stream_state(self.stream, checkpoint)
+            logger.info(f"streaming {self.stream.stream.num_shards} shard(s) on each of {accelerator.num_processes} "
+                        "process(es)")
+            return global_step, iter(self.stream)
+        self.loader = accelerator.prepare(self.loader)
+        steps_per_epoch = math.ceil(len(self.loader) / config.gradient_accumulation_steps)
+        global_step, first_epoch, batches_to_skip = resume_state(accelerator, config, steps_per_epoch)
+        logger.info(f"{self.rows} training rows; {steps_per_epoch} steps per epoch on each of "
+                    f"{accelerator.num_processes} process(es)")
+        return global_step, resumed_batches(accelerator, self.loader, first_epoch, batches_to_skip)
+
+    def add_checkpoint_files(self, checkpoint: str) -> None:
+        if self.stream is not None:
+            save_stream_state(self.stream, checkpoint)
+
+    def unreadable(self, skipped: SkipCounter, accelerator: Accelerator) -> int:
+        """Unreadable images: left out of the cache when it was built, or met in the step (each
+        row once; for a stream, each time it was met)."""
+        if self.latents is not None:
+            return self.latents.skipped
+        if self.stream is not None:
+            return int(accelerator.reduce(torch.tensor(len(skipped.rows), device=accelerator.device), "sum"))
+        return len(unreadable_rows(skipped, self.rows, accelerator))
+
+
+def training_data(config: UNetConfig, accelerator: Accelerator, train_rows, vae, tokenizer,
+                  text_encoder) -> TrainingData:
+    if config.streaming:
+        examples = ImageCaptionDataset.from_config(None, config, seed=config.seed)
+        return TrainingData(stream=StreamBatches(train_rows, examples, config.train_batch_size,
+                                                 accelerator.process_index, accelerator.num_processes))
+    if not config.uses_caches:
+        train_set = ImageCaptionDataset.from_config(train_rows, config, seed=config.seed)
+        return TrainingData(dataloader(train_set, config.train_batch_size, shuffle=True,
+                                       num_workers=config.dataloader_num_workers), rows=len(train_set))
+    # Every process encodes its share of whatever chunks are missing; the cache holds center crops,
+    # both ways round when flipping.
+    cache_root = config.cache_dir or default_cache_dir()
+    latents = load_or_build_latents(vae, ImageCaptionDataset.from_config(train_rows, config, train=False),
+                                    config.random_flip, cache_root, config.cache_dtype, config.cache_chunk_rows,
+                                    processes=accelerator)
+    logger.info(f"latent cache {latents.folder} ({latents.encoded_now} chunk(s) encoded by this process); "
+                f"{latents.skipped} unreadable image(s) left out")
+    texts = None
+    if config.cache_text_embeddings and not config.train_text_encoder:
+        texts = load_or_build_texts(tokenizer, text_encoder, train_rows, config.caption_column, cache_root,
+                                    config.cache_dtype, config.cache_chunk_rows, processes=accelerator)
+        logger.info(f"text cache {texts.folder} ({texts.encoded_now} chunk(s) encoded by this process)")
+    rows = CachedRows(latents, texts, config.seed)
+    loader = torch.utils.data.DataLoader(rows, batch_size=config.train_batch_size,
+                                         sampler=ChunkShuffle(latents.chunk_rows, config.seed), collate_fn=as_batch,
+                                         num_workers=config.dataloader_num_workers)
+    return TrainingData(loader, latents=latents, texts_cached=texts is not None, rows=len(rows))
+
+
+@torch.no_grad()
+def cached_empty_prompt(text_encoder, empty_ids: torch.Tensor, cache_dtype: str) -> torch.Tensor:
+    """The empty prompt's states, rounded to the cache's dtype like the captions' they stand in for."""
+    return text_encoder(empty_ids)[0].to(getattr(torch, cache_dtype)).float()
 
 
 # ---------------------------------------------------------------- components
@@ -232,8 +271,8 @@ def text_side(config: UNetConfig, train_rows, accelerator: Accelerator, resuming
     reuse = resuming and os.path.isfile(os.path.join(folder, "tokenizer.json"))
     with accelerator.main_process_first():
         if accelerator.is_main_process and not reuse:
-            captions = (pick for row in train_rows[config.caption_column]
-                        for pick in (row if isinstance(row, list) else [row]))
+            captions = (caption for batch in train_rows.select_columns([config.caption_column]).iter(batch_size=1024)
+                        for row in batch[config.caption_column] for caption in caption_list(row))
             train_tokenizer(captions, config.tokenizer_vocab_size, folder, config.tokenizer_max_length)
     tokenizer = CLIPTokenizer.from_pretrained(folder)
     torch.manual_seed(config.seed)  # every process, and every resumed run, builds the same weights
@@ -261,24 +300,25 @@ def adam_class(config: UNetConfig):
 # ---------------------------------------------------------------- per batch
 
 
-def posterior(vae: AutoencoderKL, batch: dict, cached: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def posterior(vae: AutoencoderKL, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std of q(z | image): read from the cache, or computed now by the frozen VAE."""
-    if cached:
-        return batch["mean"], batch["std"]
+    if "mean" in batch:
+        return batch["mean"].float(), batch["std"].float()
     with torch.no_grad():
         dist = vae.encode(batch["pixel_values"].to(vae.dtype)).latent_dist
     return dist.mean.float(), dist.std.float()
 
 
-def encode_captions(captions: list[str], texts: TextCache | None, tokenizer, text_encoder, empty: torch.Tensor | None,
-                    empty_ids: torch.Tensor, dropout: float, generator: torch.Generator) -> torch.Tensor:
-    """Text embeddings for a batch, with `dropout` of them swapped for the empty prompt's (for CFG)."""
-    if texts is not None:
-        embeddings = texts.lookup(captions).to(empty.device)
-        return diffusion.drop_conditioning(embeddings, empty, dropout, generator)
-    ids = diffusion.drop_conditioning(tokenize(tokenizer, captions).to(empty_ids.device), empty_ids, dropout,
-                                      generator)
-    return text_encoder(ids)[0]
+def encode_captions(batch: dict, tokenizer, text_encoder, empty: torch.Tensor | None, empty_ids: torch.Tensor,
+                    dropout: float, generator: torch.Generator) -> torch.Tensor:
+    """Text embeddings for a batch, cached or computed now, with `dropout` of them swapped for the
+    empty prompt's (for CFG). A frozen text encoder runs without building a graph."""
+    if "embeddings" in batch:
+        return diffusion.drop_conditioning(batch["embeddings"].float(), empty, dropout, generator)
+    ids = diffusion.drop_conditioning(tokenize(tokenizer, batch["captions"]).to(empty_ids.device), empty_ids,
+                                      dropout, generator)
+    with torch.set_grad_enabled(text_encoder.training):
+        return text_encoder(ids)[0]
 
 
 def add_bins(bins: dict, per_sample: torch.Tensor, timesteps: torch.Tensor, scheduler, count: int) -> None:

@@ -93,7 +93,7 @@ def train(config: VAEConfig) -> dict:
     running, micro_batches, images = None, 0, 0
     with tqdm(total=config.max_train_steps, initial=global_step, desc="train_vae",
               disable=not accelerator.is_local_main_process) as progress:
-        for epoch, position, batch in resumed_batches(accelerator, loader, first_epoch, batches_to_skip):
+        for batch_number, batch in resumed_batches(accelerator, loader, first_epoch, batches_to_skip):
             if global_step >= config.max_train_steps:
                 break
             skipped.update(batch)
@@ -103,8 +103,7 @@ def train(config: VAEConfig) -> dict:
                 continue
             pixels = batch["pixel_values"]
             with accelerator.accumulate(*models):
-                noise = batch_generator(config.seed, accelerator.process_index, epoch * len(loader) + position,
-                                        accelerator.device)
+                noise = batch_generator(config.seed, accelerator.process_index, batch_number, accelerator.device)
                 reconstructions, latents, moments = autoencoder(pixels, noise)
                 gan_on = discriminator is not None and global_step >= config.disc_start
                 terms = autoencoder_loss(pixels, reconstructions, DiagonalGaussianDistribution(moments), config,
