@@ -192,8 +192,8 @@ class Draws(EpochDataset):
 
 def batches(accelerator, loader, first_epoch, skip, count):
     stream = resumed_batches(accelerator, loader, first_epoch, skip)
-    return [(epoch, position, batch["indices"], batch["pixel_values"].flatten().tolist())
-            for (epoch, position, batch), _ in zip(stream, range(count))]
+    return [(*divmod(number, len(loader)), batch["indices"], batch["pixel_values"].flatten().tolist())
+            for (number, batch), _ in zip(stream, range(count))]
 
 
 def test_resumed_batches_replay_any_epoch_from_any_batch(tmp_path):
