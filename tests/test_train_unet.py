@@ -13,11 +13,14 @@ from safetensors.torch import load_file
 from transformers import CLIPTextModel
 
 import train_unet
-from ldm.config import ConfigError
+from ldm.config import ConfigError, UNetConfig, parse_config
+from ldm.data import load_splits
 from ldm.pipeline import LatentDiffusionPipeline
-from ldm.training import NonFiniteLossError
-from ldm.text import text_encoder_config
+from ldm.text import load_text_components, text_encoder_config
+from ldm.training import NonFiniteLossError, make_accelerator
+from ldm.unet_training import load_frozen_vae, training_data
 from tests.conftest import TINY_TEXT_ENCODER, TINY_UNET, TINY_VAE
+from tests.test_streaming import write_parquet_shards
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -165,3 +168,64 @@ def test_two_process_launch(parts, tmp_path, openmoji_32):
     # each process saved its own RNG state and data position into the checkpoint
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(os.listdir(out / "checkpoint-2"))
     assert UNet2DConditionModel.from_pretrained(out / "unet").config.cross_attention_dim == 32
+
+
+@pytest.mark.parametrize("data", ["latents and text cached", "latents cached", "nothing cached"])
+def test_loader_workers_give_the_same_batches_as_none(parts, tmp_path, openmoji_32, data):
+    """--dataloader_num_workers 2 gives the batches of 0 workers, over two epochs, on each path;
+    with the text cache off, only latents come from disk and the captions are tokenized in the step."""
+    flags = {"latents and text cached": [], "latents cached": ["--cache_text_embeddings", "false"],
+             "nothing cached": ["--cache_latents", "false"]}[data]
+    config = parse_config(UNetConfig, argv(parts, tmp_path / "run", "--random_flip", "--text_encoder_name_or_path",
+                                           str(parts / "clip"), *flags))
+    accelerator = make_accelerator(config)
+    vae = load_frozen_vae(config)
+    tokenizer, text_encoder = load_text_components(config.text_encoder_name_or_path)
+    train_rows = load_splits(config)[0]
+
+    def two_epochs(workers):
+        config.dataloader_num_workers = workers
+        data = training_data(config, accelerator, train_rows, vae, tokenizer, text_encoder)
+        _, batches = data.resume(accelerator, config)
+        return [batch for _, (_, batch) in zip(range(6), batches)]  # 20 rows at batch 8: 3 batches an epoch
+
+    plain, workers = two_epochs(0), two_epochs(2)
+    for one, other in zip(plain, workers):
+        assert one.keys() == other.keys()
+        for key, value in one.items():
+            assert torch.equal(value, other[key]) if isinstance(value, torch.Tensor) else value == other[key]
+    assert ("embeddings" in plain[0]) == (data == "latents and text cached")
+    assert ("captions" in plain[0]) == (data != "latents and text cached")
+    assert not torch.equal(plain[0]["pixel_values" if data == "nothing cached" else "mean"],
+                           plain[3]["pixel_values" if data == "nothing cached" else "mean"])  # reshuffled
+
+
+def test_two_process_streaming_run_resumes_where_it_stopped(parts, tmp_path, openmoji_32):
+    """--streaming over 4 Parquet shards with 2 processes (each reads 2 shards): stopped after its
+    checkpoint at step 4 and resumed to 7 (into the second epoch), it ends with the weights of an
+    uninterrupted run: every process took the same examples in the same order."""
+    write_parquet_shards(tmp_path / "data", shards=4, rows=40)
+    common = ["--dataset_name", str(tmp_path / "data"), "--streaming",
+              "--checkpointing_steps", "2", "--validation_steps", "100", "--random_flip", "--center_crop", "false",
+              "--text_encoder_name_or_path", str(parts / "clip")]
+
+    def launch(output_dir, *extra):
+        flags = argv(parts, output_dir, *common, *extra)
+        at = flags.index("--max_train_samples")  # a stream is read whole
+        del flags[at:at + 2]
+        done = subprocess.run(
+            [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+             "--main_process_port", str(29500 + (os.getpid() + len(extra) * 13) % 1000), "train_unet.py", *flags],
+            cwd=ROOT, capture_output=True, text=True, timeout=300,
+            env={**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    launch(tmp_path / "straight", "--max_train_steps", "7")
+    launch(tmp_path / "resumed", "--max_train_steps", "4")
+    assert {"stream_state_0.json", "stream_state_1.json"} <= set(os.listdir(tmp_path / "resumed" / "checkpoint-4"))
+    launch(tmp_path / "resumed", "--max_train_steps", "7", "--resume_from_checkpoint", "latest")
+    straight, resumed = unet_weights(tmp_path / "straight"), unet_weights(tmp_path / "resumed")
+    assert all(torch.equal(straight[name], resumed[name]) for name in straight)
+    at_four = load_file(tmp_path / "resumed" / "checkpoint-4" / "model.safetensors")
+    assert not all(torch.equal(straight[name], at_four[name]) for name in straight)
