@@ -45,6 +45,7 @@ class ModelFiles(NamedTuple):
 
     is_pipeline: bool  # model_index.json at its root
     class_name: str  # the pipeline's or the model's class, as that file names it
+    components: tuple[tuple[str, str], ...] = ()  # a pipeline's (subfolder, class) pairs
 
     @property
     def is_vae(self) -> bool:
@@ -85,7 +86,9 @@ def find_model(name_or_path: str, revision: str | None = None) -> ModelFiles:
             missing = error
             continue
         class_name = declared.get("_class_name") or (declared.get("architectures") or [declared.get("model_type")])[0]
-        return ModelFiles(filename == PIPELINE_INDEX, class_name or "model of unknown class")
+        components = tuple((name, value[1]) for name, value in declared.items()
+                           if filename == PIPELINE_INDEX and isinstance(value, list) and len(value) == 2)
+        return ModelFiles(filename == PIPELINE_INDEX, class_name or "model of unknown class", components)
     raise explain(name_or_path, named_revision(revision), missing)
 
 

@@ -41,23 +41,27 @@ def check_architecture(architecture: dict, model_class: type, source: str) -> No
 def vae_architecture(config: VAEConfig) -> dict:
     """The architecture train_vae.py will train: the pretrained model's, or `vae_config`'s."""
     if config.pretrained_vae_model_name_or_path is not None:
-        require_vae(config.pretrained_vae_model_name_or_path, None, "pretrained_vae_model_name_or_path")
-        return dict(AutoencoderKL.load_config(config.pretrained_vae_model_name_or_path))
+        subfolder = vae_subfolder(config.pretrained_vae_model_name_or_path, None, "pretrained_vae_model_name_or_path")
+        return dict(AutoencoderKL.load_config(config.pretrained_vae_model_name_or_path, subfolder=subfolder))
     return read_architecture(config.vae_config, AutoencoderKL)
 
 
-def require_vae(name_or_path: str, revision: str | None, option: str) -> None:
-    """Fail before any work, naming `option`, unless the folder or Hub repository holds an AutoencoderKL
-    (a config.json at its root): a missing one, a missing revision, an offline machine without a
-    cached copy, and another kind of model each say so."""
+def vae_subfolder(name_or_path: str, revision: str | None, option: str) -> str | None:
+    """Where the folder or Hub repository keeps its AutoencoderKL: at its root (None: what
+    train_vae.py writes) or in `vae/` (a pipeline: a Stable Diffusion repository, or what
+    train_unet.py writes). A missing one, a missing revision, an offline machine without a cached
+    copy, and another kind of model each fail before any work, naming `option`."""
     try:
         found = find_model(name_or_path, revision)
     except HubError as error:
         raise HubError(f"{option}: {error}") from None
-    if not found.is_vae:
-        held = f"the pipeline {found.class_name}" if found.is_pipeline else f"a {found.class_name}"
-        raise ConfigError(f"{option} {name_or_path!r} holds {held}, not a VAE (an AutoencoderKL's config.json at "
-                          "its root, as train_vae.py writes)")
+    if found.is_vae:
+        return None
+    if dict(found.components).get("vae") == "AutoencoderKL":
+        return "vae"
+    held = f"the pipeline {found.class_name} without an AutoencoderKL" if found.is_pipeline else f"a {found.class_name}"
+    raise ConfigError(f"{option} {name_or_path!r} holds {held}, not a VAE (an AutoencoderKL's config.json at its "
+                      "root, as train_vae.py writes, or a pipeline with one in vae/)")
 
 
 def vae_scale_factor(architecture: dict) -> int:
@@ -67,6 +71,7 @@ def vae_scale_factor(architecture: dict) -> int:
 
 def load_vae(config: VAEConfig, architecture: dict) -> AutoencoderKL:
     """Pretrained weights for fine-tuning, or a freshly initialised model of `architecture`."""
-    if config.pretrained_vae_model_name_or_path is not None:
-        return AutoencoderKL.from_pretrained(config.pretrained_vae_model_name_or_path)
+    path = config.pretrained_vae_model_name_or_path
+    if path is not None:
+        return AutoencoderKL.from_pretrained(path, subfolder=vae_subfolder(path, None, "pretrained_vae_model_name_or_path"))
     return AutoencoderKL.from_config(architecture)

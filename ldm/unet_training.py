@@ -27,7 +27,7 @@ from ldm.caches import (CachedRows, ChunkedCache, ChunkShuffle, as_batch, captio
 from ldm.config import ConfigError, UNetConfig, require_divisible
 from ldm.data import ImageCaptionDataset, SkipCounter, dataloader, load_splits
 from ldm.hub import find_model, finish_run
-from ldm.models import read_architecture, require_vae, vae_scale_factor
+from ldm.models import read_architecture, vae_scale_factor, vae_subfolder
 from ldm.openmoji import default_cache_dir
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.text import build_text_encoder, load_text_components, tokenize, train_tokenizer
@@ -243,10 +243,11 @@ def cached_empty_prompt(text_encoder, empty_ids: torch.Tensor, cache_dtype: str)
 
 
 def load_frozen_vae(config: UNetConfig) -> AutoencoderKL:
-    """The VAE of a train_vae.py output folder or a Hub id, in eval mode with gradients off."""
+    """The VAE of a train_vae.py output, a pipeline (its vae/) or a Hub id of either, in eval mode with
+    gradients off."""
     path = config.pretrained_vae_model_name_or_path
-    require_vae(path, config.revision, "pretrained_vae_model_name_or_path")
-    vae = AutoencoderKL.from_pretrained(path, revision=config.revision)
+    subfolder = vae_subfolder(path, config.revision, "pretrained_vae_model_name_or_path")
+    vae = AutoencoderKL.from_pretrained(path, subfolder=subfolder, revision=config.revision)
     return vae.eval().requires_grad_(False)
 
 

@@ -5,19 +5,47 @@ import json
 
 import pytest
 from accelerate.commands.config.config_args import ClusterConfig
-from diffusers import UNet2DConditionModel
+from accelerate import init_empty_weights
+from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from ldm.config import UNetConfig, parse_config
-from ldm.models import read_architecture
+from ldm.models import read_architecture, vae_scale_factor
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob("configs/unet/*.yaml")))
-def test_unet_configs_parse_and_their_unet_builds(path):
-    config = parse_config(UNetConfig, ["--config", path])
+CLIP_VIT_L_HIDDEN_SIZE = 768  # openai/clip-vit-large-patch14's text states, as in Stable Diffusion 1.x
+# The GPU configs' UNets, with the parameter counts the README gives. A fine-tuning config names a Hub
+# model that cannot be fetched here; its architecture is the config.json beside it in configs/models.
+GPU_UNETS = {"configs/unet/sd_f8_256.yaml": ("configs/models/unet_256.json", 355.7),
+             "configs/unet/finetune_sd15.yaml": ("configs/models/unet_sd15.json", 859.5)}
+
+
+def test_every_unet_config_is_covered():
+    assert set(glob.glob("configs/unet/*.yaml")) == {"configs/unet/demo.yaml", *GPU_UNETS}
+
+
+def test_demo_config_parses_and_its_unet_builds():
+    config = parse_config(UNetConfig, ["--config", "configs/unet/demo.yaml"])
     architecture = read_architecture(config.unet_config, UNet2DConditionModel)
     with open(config.text_encoder_config) as f:
         assert architecture["cross_attention_dim"] == json.load(f)["hidden_size"]
     UNet2DConditionModel.from_config(architecture)
+
+
+@pytest.mark.parametrize("path", sorted(GPU_UNETS))
+def test_gpu_configs_parse_and_their_unet_builds_on_the_meta_device(path):
+    config = parse_config(UNetConfig, ["--config", path])
+    unet_config, millions = GPU_UNETS[path]
+    assert config.unet_config == unet_config or config.pretrained_model_name_or_path is not None
+    architecture = read_architecture(unet_config, UNet2DConditionModel)
+    assert architecture["cross_attention_dim"] == CLIP_VIT_L_HIDDEN_SIZE and config.text_encoder_name_or_path
+    factor = vae_scale_factor(read_architecture("configs/models/vae_sd_f8.json", AutoencoderKL))  # SD's VAE: f = 8
+    assert config.resolution // factor == architecture["sample_size"]
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(architecture)
+    count = sum(p.numel() for p in unet.parameters())
+    print(f"{path}: {count / 1e6:.1f}M UNet parameters")
+    assert round(count / 1e6, 1) == millions and next(unet.parameters()).device.type == "meta"
+    assert config.mixed_precision == "bf16" and config.uses_caches and config.cache_dtype == "float16"
 
 
 @pytest.mark.parametrize("name,processes,machines", [("one_gpu", 1, 1), ("multi_gpu", 4, 1), ("multi_node", 16, 2)])

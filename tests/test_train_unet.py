@@ -229,3 +229,20 @@ def test_two_process_streaming_run_resumes_where_it_stopped(parts, tmp_path, ope
     assert all(torch.equal(straight[name], resumed[name]) for name in straight)
     at_four = load_file(tmp_path / "resumed" / "checkpoint-4" / "model.safetensors")
     assert not all(torch.equal(straight[name], at_four[name]) for name in straight)
+
+
+def test_fine_tuning_takes_vae_unet_and_text_side_from_one_pipeline(parts, tmp_path, openmoji_32):
+    """The Stable Diffusion 1.x layout: --pretrained_model_name_or_path, --pretrained_vae_model_name_or_path
+    and --text_encoder_name_or_path all name one pipeline, whose unet/, vae/ and text_encoder/ are used."""
+    base = tmp_path / "base"
+    train_unet.main(argv(parts, base, "--max_train_steps", "1", "--validation_steps", "100"))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    tuned = tmp_path / "tuned"
+    train_unet.main(argv(parts, tuned, "--max_train_steps", "1", "--validation_steps", "100",
+                         "--pretrained_model_name_or_path", str(base), "--pretrained_vae_model_name_or_path", str(base),
+                         "--text_encoder_name_or_path", str(base)))
+    assert (load_file(base / "vae" / "diffusion_pytorch_model.safetensors").keys()
+            == load_file(tuned / "vae" / "diffusion_pytorch_model.safetensors").keys())
+    assert json.loads((base / "text_encoder" / "config.json").read_text())["hidden_size"] == 32
+    with pytest.raises(ConfigError, match="holds a UNet2DConditionModel, not a VAE"):
+        train_unet.main(argv(parts, tmp_path / "bad", "--pretrained_vae_model_name_or_path", str(base / "unet")))
