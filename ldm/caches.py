@@ -226,9 +226,8 @@ def caption_list(value) -> list[str]:
 # ---------------------------------------------------------------- latents
 
 
-def latent_layout(vae, resolution: int, flips: int, dtype: str) -> CacheLayout:
-    side = resolution // 2 ** (len(vae.config.block_out_channels) - 1)
-    shape = (flips, vae.config.latent_channels, side, side)
+def latent_layout(shape: tuple[int, ...], dtype: str) -> CacheLayout:
+    """Rows of (flips, channels, height, width) posteriors, their source row and all its captions."""
     return CacheLayout({"mean": shape, "std": shape},
                        {"row": datasets.Value("int64"), "captions": datasets.List(datasets.Value("string"))}, dtype)
 
@@ -270,7 +269,8 @@ def load_or_build_latents(vae, dataset: ImageCaptionDataset, random_flip: bool, 
                  resolution=transform.resolution, center_crop=transform.center_crop, random_flip=random_flip,
                  dtype=dtype, chunk_rows=chunk_rows)
     flips = [False, True] if random_flip else [False]
-    layout = latent_layout(vae, transform.resolution, len(flips), dtype)
+    side = transform.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+    layout = latent_layout((len(flips), vae.config.latent_channels, side, side), dtype)
     folder = os.path.join(cache_root, f"latents-{key_of(**parts)}")
     encode = functools.partial(encode_latents, vae, dataset, flips, batch_size, processes.device, layout)
     return load_or_build(folder, layout, len(dataset), chunk_rows, encode, processes, "latents", parts)
@@ -279,9 +279,9 @@ def load_or_build_latents(vae, dataset: ImageCaptionDataset, random_flip: bool, 
 # ---------------------------------------------------------------- text embeddings
 
 
-def text_layout(tokenizer, text_encoder, dtype: str) -> CacheLayout:
-    shape = (tokenizer.model_max_length, text_encoder.config.hidden_size)
-    return CacheLayout({"embeddings": shape}, {}, dtype, nested=("embeddings",))
+def text_layout(tokens: int, hidden_size: int, dtype: str) -> CacheLayout:
+    """Rows of a list of (tokens, hidden_size) states: one per caption of the source row."""
+    return CacheLayout({"embeddings": (tokens, hidden_size)}, {}, dtype, nested=("embeddings",))
 
 
 @torch.no_grad()
@@ -307,7 +307,7 @@ def load_or_build_texts(tokenizer, text_encoder, caption_rows: datasets.Dataset,
     parts = dict(format=FORMAT_VERSION, text_encoder=fingerprint_module(text_encoder),
                  tokenizer=tokenizer_fingerprint(tokenizer), max_length=tokenizer.model_max_length,
                  data=caption_rows._fingerprint, caption_column=caption_column, dtype=dtype, chunk_rows=chunk_rows)
-    layout = text_layout(tokenizer, text_encoder, dtype)
+    layout = text_layout(tokenizer.model_max_length, text_encoder.config.hidden_size, dtype)
     folder = os.path.join(cache_root, f"texts-{key_of(**parts)}")
     captions = caption_rows.select_columns([caption_column])
     encode = functools.partial(encode_texts, tokenizer, text_encoder, captions, caption_column, batch_size,

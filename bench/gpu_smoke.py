@@ -1,0 +1,126 @@
+"""GPU smoke test: every training and sampling path once, at the GPU configs' real sizes, on one GPU.
+
+    python bench/gpu_smoke.py [--steps 3] [--out outputs/gpu-smoke]
+
+No GPU has run this project's CI, so this is what to run when one is at hand (under 5 minutes on one
+GPU; nothing is downloaded). It runs the real scripts in subprocesses and prints one line per path,
+passed or failed, then a table with the seconds each took:
+
+- train_vae.py in fp16 and in bf16: the 83.7M-parameter f = 8 VAE of configs/vae/sd_f8_256.yaml at
+  256 px (batch 4, a few steps, the discriminator on from step 1; LPIPS off: its weights cannot be
+  fetched offline);
+- the caches built on the GPU: that VAE encodes 64 OpenMoji images at 256 px, and a text encoder of
+  CLIP ViT-L/14's size (random weights, a tokenizer trained on the captions: nothing can be fetched)
+  embeds their captions;
+- train_unet.py in fp16 and in bf16 on those caches: the 355.7M-parameter UNet of
+  configs/unet/sd_f8_256.yaml (batch 8, a few steps);
+- generate.py in float16 from the trained pipeline (256 px, 10 steps, guidance 7.5).
+
+Without CUDA it says so and exits 0 (`--rehearse` runs the same commands on the CPU, at 64 px and
+in bf16 only, to check the script itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLIP_VIT_L_TEXT = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                   "num_attention_heads": 12, "projection_dim": 768}
+
+
+def run(name: str, command: list[str], results: list) -> bool:
+    """Run one path; print and record whether it passed."""
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    seconds = time.perf_counter() - start
+    passed = done.returncode == 0
+    last = (done.stderr.strip().splitlines() or [""])[-1][:160]
+    results.append((name, passed, seconds, "" if passed else last))
+    print(f"{name}: {'passed' if passed else 'FAILED'} ({seconds:.0f} s){'' if passed else ': ' + last}", flush=True)
+    if not passed:
+        print(done.stderr[-4000:], file=sys.stderr)
+    return passed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--out", default="outputs/gpu-smoke")
+    parser.add_argument("--rehearse", action="store_true", help="run on the CPU at 64 px, bf16 only")
+    args = parser.parse_args()
+    args.out = os.path.abspath(args.out)
+    if not torch.cuda.is_available() and not args.rehearse:
+        print("gpu_smoke: needs a CUDA GPU, and this machine has none; nothing to do")
+        return 0
+    resolution, precisions = (64, ["bf16"]) if args.rehearse else (256, ["fp16", "bf16"])
+    if torch.cuda.is_available():
+        print(f"{torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB), "
+              f"torch {torch.__version__}", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    text_config = os.path.join(args.out, "text_encoder_clip_l.json")
+    with open(text_config, "w") as f:
+        json.dump(CLIP_VIT_L_TEXT, f)
+    data = ["--dataset_name", "openmoji", "--resolution", str(resolution), "--max_train_samples", "64",
+            "--cache_dir", os.path.join(args.out, "cache"), "--report_to", "none", "--max_train_steps",
+            str(args.steps), "--validation_steps", "1000", "--checkpointing_steps", str(args.steps)]
+    results, vae_ok = [], {}
+    for precision in precisions:
+        vae_ok[precision] = run(f"train_vae.py {precision}", [
+            "train_vae.py", "--config", "configs/vae/sd_f8_256.yaml", *data, "--mixed_precision", precision,
+            "--train_batch_size", "4", "--lpips_weight", "0", "--disc_start", "1", "--scale_batches", "2", "--max_validation_samples", "8",
+            "--dataloader_num_workers", "0", "--output_dir", os.path.join(args.out, f"vae-{precision}")], results)
+    vae = next((os.path.join(args.out, f"vae-{p}") for p in precisions if vae_ok[p]), None)
+    if vae is None:
+        print("train_unet.py, the caches and generate.py need a trained VAE: skipped")
+        return summary(results)
+    unet_common = ["train_unet.py", "--config", offline_unet_config(args.out, text_config), *data,
+                   "--train_batch_size", "8", "--pretrained_vae_model_name_or_path", vae,
+                   "--tokenizer_vocab_size", "4096", "--validation_prompts", "grinning face",
+                   "--validation_inference_steps", "5", "--dataloader_num_workers", "0"]
+    pipelines = []
+    for number, precision in enumerate(precisions):
+        name = ("caches built on the GPU + " if number == 0 else "") + f"train_unet.py {precision}"
+        output = os.path.join(args.out, f"unet-{precision}")
+        if run(name, [*unet_common, "--mixed_precision", precision, "--output_dir", output], results):
+            pipelines.append(output)
+    if pipelines:
+        run("generate.py float16" if not args.rehearse else "generate.py bfloat16", [
+            "generate.py", "--model", pipelines[0], "--prompt", "grinning face", "--num_images_per_prompt", "2",
+            "--num_inference_steps", "10", "--guidance_scale", "7.5", "--device", "auto",
+            "--dtype", "bfloat16" if args.rehearse else "float16", "--output_dir", os.path.join(args.out, "samples")],
+            results)
+    return summary(results)
+
+
+def offline_unet_config(out: str, text_config: str) -> str:
+    """configs/unet/sd_f8_256.yaml as shipped, but with a text encoder of CLIP ViT-L/14's size built
+    from scratch instead of the pretrained one, which cannot be fetched offline."""
+    with open(os.path.join(ROOT, "configs/unet/sd_f8_256.yaml")) as f:
+        settings = yaml.safe_load(f)
+    del settings["text_encoder_name_or_path"]
+    settings["text_encoder_config"] = text_config
+    path = os.path.join(out, "unet_sd_f8_256_offline.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(settings, f)
+    return path
+
+
+def summary(results: list) -> int:
+    print("\n| path | result | seconds | note |\n|---|---|---:|---|")
+    for name, passed, seconds, note in results:
+        print(f"| {name} | {'passed' if passed else 'FAILED'} | {seconds:.0f} | {note} |")
+    return 0 if all(passed for _, passed, _, _ in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
