@@ -144,7 +144,8 @@ def scale(sizes: list[int], steps: int) -> None:
                 sys.exit(child.stderr[-3000:])
             results.append({**json.loads(child.stdout.splitlines()[-1]), "written": written})
     print("\n### Memory, start-up and disk as the cache grows (latents + text states, float16)\n")
-    print(f"| rows | RssAnon after opening (MiB) | after {steps} loader steps (MiB) | start to first optimizer step (s) "
+    print(f"| rows | RssAnon after opening (MiB) | after {steps} loader steps (MiB) "
+          "| start to first optimizer step (s) "
           "| disk per row (B) | payload per row (B) | disk ÷ payload | written in (s) |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
@@ -211,7 +212,8 @@ def build(vae: str, rounds: int) -> None:
                 result = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
                 rates[processes].append(result["rows"] / result["seconds"])
     one, two = statistics.median(rates[1]), statistics.median(rates[2])
-    print(f"\n### Building the OpenMoji latent cache (3,625 images, 32 px, {'the demo VAE' if os.path.isdir(vae) else 'the demo VAE architecture, random weights'}; median of {rounds})\n")
+    which = "the demo VAE" if os.path.isdir(vae) else "the demo VAE's architecture, random weights"
+    print(f"\n### Building the OpenMoji latent cache (3,625 images, 32 px, {which}; median of {rounds})\n")
     print("| processes (1 thread each) | rows/s |\n|---:|---:|")
     print(f"| 1 | {one:.0f} |\n| 2 | {two:.0f} |")
     print(f"\n2 processes build {two / one:.2f}x as fast as 1 (target >= 1.4)")

@@ -77,8 +77,9 @@ def main() -> int:
     for precision in precisions:
         vae_ok[precision] = run(f"train_vae.py {precision}", [
             "train_vae.py", "--config", "configs/vae/sd_f8_256.yaml", *data, "--mixed_precision", precision,
-            "--train_batch_size", "4", "--lpips_weight", "0", "--disc_start", "1", "--scale_batches", "2", "--max_validation_samples", "8",
-            "--dataloader_num_workers", "0", "--output_dir", os.path.join(args.out, f"vae-{precision}")], results)
+            "--train_batch_size", "4", "--lpips_weight", "0", "--disc_start", "1", "--scale_batches", "2",
+            "--max_validation_samples", "8", "--dataloader_num_workers", "0",
+            "--output_dir", os.path.join(args.out, f"vae-{precision}")], results)
     vae = next((os.path.join(args.out, f"vae-{p}") for p in precisions if vae_ok[p]), None)
     if vae is None:
         print("train_unet.py, the caches and generate.py need a trained VAE: skipped")

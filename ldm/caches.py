@@ -35,10 +35,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from accelerate import PartialState
+from accelerate import Accelerator, PartialState
 from datasets.arrow_writer import ArrowWriter
 from tqdm.auto import tqdm
 
+from ldm.config import ConfigError
 from ldm.data import EpochDataset, ImageCaptionDataset, dataloader, pick_caption
 from ldm.text import tokenize
 
@@ -135,13 +136,15 @@ def chunk_file(index: int) -> str:
 
 
 def load_or_build(folder: str, layout: CacheLayout, source_rows: int, chunk_rows: int,
-                  encode: Callable[[range], Iterator[pa.Table]], processes: PartialState, what: str,
+                  encode: Callable[[range], Iterator[pa.Table]], processes: PartialState | Accelerator, what: str,
                   key_parts: dict) -> ChunkedCache:
     """Open the cache in `folder`, first encoding the chunks that are missing.
 
     `encode(rows)` yields Arrow tables of the layout's columns for the source rows `rows`. Every
     process calls this; process p encodes the missing chunks k with k mod N = p.
     """
+    if source_rows == 0:
+        raise ConfigError("the training set is empty: there is nothing to train on")
     encoded = 0
     if not os.path.isfile(os.path.join(folder, MANIFEST)):
         os.makedirs(folder, exist_ok=True)
@@ -172,8 +175,8 @@ def write_chunk(path: str, layout: CacheLayout, tables: Iterator[pa.Table]) -> N
 
 
 def write_manifest(folder: str, layout: CacheLayout, ranges: list[range], chunk_rows: int, key_parts: dict) -> None:
-    """Count each chunk's rows and bytes (their Arrow footers, not their rows), then write the
-    manifest atomically; partial files of killed builds go."""
+    """Count each chunk's rows, bytes and payload, then write the manifest atomically; partial
+    files of killed builds go."""
     chunks = []
     for k, source in enumerate(ranges):
         path = os.path.join(folder, chunk_file(k))
@@ -181,7 +184,8 @@ def write_manifest(folder: str, layout: CacheLayout, ranges: list[range], chunk_
         chunks.append({"file": chunk_file(k), "source_rows": [source.start, source.stop], "rows": table.num_rows,
                        "skipped": len(source) - table.num_rows, "bytes": os.path.getsize(path),
                        "payload_bytes": payload_bytes(table, layout)})
-    manifest = {"format": FORMAT_VERSION, "key": key_parts, "dtype": layout.dtype, "chunk_rows": chunk_rows,
+    manifest = {"format": FORMAT_VERSION, "key": key_of(**key_parts), "inputs": key_parts, "dtype": layout.dtype,
+                "chunk_rows": chunk_rows,
                 "shapes": {name: list(shape) for name, shape in layout.tensors.items()},
                 "rows": sum(chunk["rows"] for chunk in chunks), "chunks": chunks}
     partial = os.path.join(folder, f"{MANIFEST}.partial-{os.getpid()}")
@@ -256,7 +260,7 @@ def encode_latents(vae, dataset: ImageCaptionDataset, flips: list[bool], batch_s
 
 def load_or_build_latents(vae, dataset: ImageCaptionDataset, random_flip: bool, cache_root: str,
                           dtype: str = "float16", chunk_rows: int = CHUNK_ROWS, batch_size: int = 64,
-                          processes: PartialState | None = None) -> ChunkedCache:
+                          processes: PartialState | Accelerator | None = None) -> ChunkedCache:
     """The latent cache of `dataset` under `vae`, built on first use.
 
     Images are encoded center-cropped (and flipped when `random_flip`), so a random crop cannot be
@@ -300,7 +304,7 @@ def encode_texts(tokenizer, text_encoder, caption_rows: datasets.Dataset, captio
 
 def load_or_build_texts(tokenizer, text_encoder, caption_rows: datasets.Dataset, caption_column: str,
                         cache_root: str, dtype: str = "float16", chunk_rows: int = CHUNK_ROWS,
-                        batch_size: int = 256, processes: PartialState | None = None) -> ChunkedCache:
+                        batch_size: int = 256, processes: PartialState | Accelerator | None = None) -> ChunkedCache:
     """The frozen text encoder's states for every caption of every source row, row i of the cache
     holding row i's captions, so a latent row finds its text by its `row` without an index."""
     processes = processes or PartialState()

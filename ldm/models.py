@@ -73,5 +73,6 @@ def load_vae(config: VAEConfig, architecture: dict) -> AutoencoderKL:
     """Pretrained weights for fine-tuning, or a freshly initialised model of `architecture`."""
     path = config.pretrained_vae_model_name_or_path
     if path is not None:
-        return AutoencoderKL.from_pretrained(path, subfolder=vae_subfolder(path, None, "pretrained_vae_model_name_or_path"))
+        subfolder = vae_subfolder(path, None, "pretrained_vae_model_name_or_path")
+        return AutoencoderKL.from_pretrained(path, subfolder=subfolder)
     return AutoencoderKL.from_config(architecture)

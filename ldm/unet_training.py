@@ -171,7 +171,8 @@ class TrainingData:
 
     def __init__(self, loader=None, stream: StreamBatches | None = None, latents: ChunkedCache | None = None,
                  texts_cached: bool = False, rows: int | None = None):
-        self.loader, self.stream, self.latents, self.texts_cached, self.rows = loader, stream, latents, texts_cached, rows
+        self.loader, self.stream, self.latents, self.rows = loader, stream, latents, rows
+        self.texts_cached = texts_cached
 
     def resume(self, accelerator: Accelerator, config: UNetConfig):
         """Load the checkpoint to resume from, if any: (steps taken, (batch number, batch) from there on)."""

@@ -82,7 +82,8 @@ def test_manifest_counts_rows_bytes_and_unreadable_images(tmp_path, tiny_vae):
     cache = load_or_build_latents(tiny_vae, dataset, False, str(tmp_path / "cache"), chunk_rows=4)
     with open(os.path.join(cache.folder, MANIFEST)) as f:
         manifest = json.load(f)
-    assert manifest["dtype"] == "float16" and manifest["chunk_rows"] == 4 and manifest["key"]["dtype"] == "float16"
+    assert manifest["dtype"] == "float16" and manifest["chunk_rows"] == 4 and manifest["inputs"]["dtype"] == "float16"
+    assert os.path.basename(cache.folder) == f"latents-{manifest['key']}"
     assert [c["file"] for c in manifest["chunks"]] == [chunk_file(k) for k in range(3)]
     assert cache.skipped == len(broken) and len(cache) == len(names) - len(broken) == manifest["rows"]
     readable = [train[row]["text"] for row in range(len(train))

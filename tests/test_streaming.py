@@ -16,7 +16,8 @@ def write_parquet_shards(folder, shards=4, rows=40):
     train, _ = load_splits(UNetConfig(resolution=32, max_train_samples=rows))
     os.makedirs(folder / "data", exist_ok=True)
     for k in range(shards):
-        train.shard(shards, k, contiguous=True).to_parquet(str(folder / "data" / f"train-{k:05d}-of-{shards:05d}.parquet"))
+        path = folder / "data" / f"train-{k:05d}-of-{shards:05d}.parquet"
+        train.shard(shards, k, contiguous=True).to_parquet(str(path))
     return train
 
 
