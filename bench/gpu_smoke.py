@@ -14,6 +14,7 @@ passed or failed, then a table with the seconds each took:
   embeds their captions;
 - train_unet.py in fp16 and in bf16 on those caches: the 355.7M-parameter UNet of
   configs/unet/sd_f8_256.yaml (batch 8, a few steps);
+- train_unet.py --streaming: the same, the data streamed (the encoders in the step, on the GPU);
 - generate.py in float16 from the trained pipeline (256 px, 10 steps, guidance 7.5).
 
 Without CUDA it says so and exits 0 (`--rehearse` runs the same commands on the CPU, at 64 px and
@@ -70,15 +71,15 @@ def main() -> int:
     text_config = os.path.join(args.out, "text_encoder_clip_l.json")
     with open(text_config, "w") as f:
         json.dump(CLIP_VIT_L_TEXT, f)
-    data = ["--dataset_name", "openmoji", "--resolution", str(resolution), "--max_train_samples", "64",
-            "--cache_dir", os.path.join(args.out, "cache"), "--report_to", "none", "--max_train_steps",
-            str(args.steps), "--validation_steps", "1000", "--checkpointing_steps", str(args.steps)]
+    cache = os.path.join(args.out, "cache")
+    data = ["--dataset_name", "openmoji", "--resolution", str(resolution), "--cache_dir", cache, "--report_to", "none",
+            "--max_train_steps", str(args.steps), "--validation_steps", "1000", "--checkpointing_steps", str(args.steps)]
     results, vae_ok = [], {}
     for precision in precisions:
         vae_ok[precision] = run(f"train_vae.py {precision}", [
-            "train_vae.py", "--config", "configs/vae/sd_f8_256.yaml", *data, "--mixed_precision", precision,
-            "--train_batch_size", "4", "--lpips_weight", "0", "--disc_start", "1", "--scale_batches", "2",
-            "--max_validation_samples", "8", "--dataloader_num_workers", "0",
+            "train_vae.py", "--config", "configs/vae/sd_f8_256.yaml", *data, "--max_train_samples", "64",
+            "--mixed_precision", precision, "--train_batch_size", "4", "--lpips_weight", "0", "--disc_start", "1",
+            "--scale_batches", "2", "--max_validation_samples", "8", "--dataloader_num_workers", "0",
             "--output_dir", os.path.join(args.out, f"vae-{precision}")], results)
     vae = next((os.path.join(args.out, f"vae-{p}") for p in precisions if vae_ok[p]), None)
     if vae is None:
@@ -92,9 +93,13 @@ def main() -> int:
     for number, precision in enumerate(precisions):
         name = ("caches built on the GPU + " if number == 0 else "") + f"train_unet.py {precision}"
         output = os.path.join(args.out, f"unet-{precision}")
-        if run(name, [*unet_common, "--mixed_precision", precision, "--output_dir", output], results):
+        command = [*unet_common, "--max_train_samples", "64", "--mixed_precision", precision, "--output_dir", output]
+        if run(name, command, results):
             pipelines.append(output)
-    if pipelines:
+    if pipelines:  # the stream: the encoders in the step, batches moved to the GPU outside Accelerate
+        run(f"train_unet.py --streaming {precisions[-1]}", [
+            *unet_common, "--streaming", "--mixed_precision", precisions[-1],
+            "--output_dir", os.path.join(args.out, "unet-streaming")], results)
         run("generate.py float16" if not args.rehearse else "generate.py bfloat16", [
             "generate.py", "--model", pipelines[0], "--prompt", "grinning face", "--num_images_per_prompt", "2",
             "--num_inference_steps", "10", "--guidance_scale", "7.5", "--device", "auto",

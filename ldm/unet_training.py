@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
+from accelerate.utils import send_to_device
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
 from tqdm.auto import tqdm
 from transformers import CLIPTokenizer
@@ -70,7 +71,8 @@ def train(config: UNetConfig) -> dict:
     optimizer, lr_scheduler = make_optimizer([p for m in trained for p in m.parameters()], config, accelerator,
                                              optimizer_class=adam_class(config))
     ema = make_ema(unet, config, accelerator)
-    *models, optimizer, lr_scheduler = accelerator.prepare(*trained, optimizer, lr_scheduler)
+    # A stream (data.loader None) stays out of Accelerate: each process reads its own shards.
+    *models, optimizer, lr_scheduler, data.loader = accelerator.prepare(*trained, optimizer, lr_scheduler, data.loader)
     unet = models[0]
     if config.train_text_encoder:
         text_encoder = models[1]
@@ -164,9 +166,9 @@ class TrainingData:
     """Where the batches come from, and what resuming and checkpointing them takes.
 
     - Caches (the default): the latent cache, and the text cache when the text encoder is frozen,
-      read with flat memory (ldm/caches.py), through a prepared DataLoader.
+      read with flat memory (ldm/caches.py), through a DataLoader that Accelerate prepares.
     - A stream (`--streaming`): each process's own shards, outside Accelerate (ldm/streaming.py).
-    - Images (`--cache_latents false`): decoded and encoded in the step, through a prepared DataLoader.
+    - Images (`--cache_latents false`): decoded and encoded in the step, through a DataLoader.
     """
 
     def __init__(self, loader=None, stream: StreamBatches | None = None, latents: ChunkedCache | None = None,
@@ -182,8 +184,7 @@ class TrainingData:
                 load_stream_state(self.stream, checkpoint)
             logger.info(f"streaming {self.stream.stream.num_shards} shard(s) on each of {accelerator.num_processes} "
                         "process(es)")
-            return global_step, iter(self.stream)
-        self.loader = accelerator.prepare(self.loader)
+            return global_step, ((number, send_to_device(batch, accelerator.device)) for number, batch in self.stream)
         steps_per_epoch = math.ceil(len(self.loader) / config.gradient_accumulation_steps)
         global_step, first_epoch, batches_to_skip = resume_state(accelerator, config, steps_per_epoch)
         logger.info(f"{self.rows} training rows; {steps_per_epoch} steps per epoch on each of "

@@ -186,6 +186,7 @@ def test_loader_workers_give_the_same_batches_as_none(parts, tmp_path, openmoji_
     def two_epochs(workers):
         config.dataloader_num_workers = workers
         data = training_data(config, accelerator, train_rows, vae, tokenizer, text_encoder)
+        data.loader = accelerator.prepare(data.loader)
         _, batches = data.resume(accelerator, config)
         return [batch for _, (_, batch) in zip(range(6), batches)]  # 20 rows at batch 8: 3 batches an epoch
 
