@@ -73,7 +73,8 @@ def main() -> int:
         json.dump(CLIP_VIT_L_TEXT, f)
     cache = os.path.join(args.out, "cache")
     data = ["--dataset_name", "openmoji", "--resolution", str(resolution), "--cache_dir", cache, "--report_to", "none",
-            "--max_train_steps", str(args.steps), "--validation_steps", "1000", "--checkpointing_steps", str(args.steps)]
+            "--max_train_steps", str(args.steps), "--validation_steps", "1000",
+            "--checkpointing_steps", str(args.steps)]
     results, vae_ok = [], {}
     for precision in precisions:
         vae_ok[precision] = run(f"train_vae.py {precision}", [
