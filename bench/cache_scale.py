@@ -8,7 +8,7 @@ scale: for each size, a latent cache and a text cache of that many rows with the
     (1x4x8x8 latents, mean and std; 24x128 text states of a frozen text encoder; float16; random
     values, OpenMoji-like captions), written through the cache writer. A fresh process then opens
     them, prepares the training DataLoader as train_unet.py does, takes one optimizer step of the
-    demo UNet, then 200 loader steps. Printed: RssAnon (resident anonymous memory: plain RSS also
+    demo UNet, then 200 loader steps (3 processes per size, medians). Printed: RssAnon (resident anonymous memory: plain RSS also
     counts the memory-mapped file pages, which the kernel can drop) after opening and after the
     200 steps, seconds from process start to the first optimizer step, and bytes per row on disk
     against the payload (the tensors and the caption text).
@@ -130,20 +130,27 @@ def open_and_train(latent_folder: str, text_folder: str, steps: int) -> dict:
             "disk_per_row": disk / len(latents), "payload_per_row": payload / len(latents)}
 
 
-def scale(sizes: list[int], steps: int) -> None:
-    """The table of the scale part; each size is opened and read by a fresh process."""
+def scale(sizes: list[int], steps: int, repeats: int = 3) -> None:
+    """The table of the scale part; each size is opened and read by `repeats` fresh processes (medians)."""
     results = []
     with tempfile.TemporaryDirectory(dir=os.path.join(ROOT, "outputs")) as root:
         for rows in sizes:
             started = time.perf_counter()
             latents, texts = write_synthetic(root, rows)
             written = time.perf_counter() - started
-            child = subprocess.run([sys.executable, __file__, "--child", latents, texts, "--steps", str(steps)],
-                                   cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-            if child.returncode:
-                sys.exit(child.stderr[-3000:])
-            results.append({**json.loads(child.stdout.splitlines()[-1]), "written": written})
-    print("\n### Memory, start-up and disk as the cache grows (latents + text states, float16)\n")
+            os.sync()  # the kernel's writeback of these files would otherwise slow the children's start
+            runs = []
+            for _ in range(repeats):
+                child = subprocess.run([sys.executable, __file__, "--child", latents, texts, "--steps", str(steps)],
+                                       cwd=ROOT, capture_output=True, text=True,
+                                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+                if child.returncode:
+                    sys.exit(child.stderr[-3000:])
+                runs.append(json.loads(child.stdout.splitlines()[-1]))
+            median = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+            results.append({**median, "written": written})
+    print("\n### Memory, start-up and disk as the cache grows (latents + text states, float16; "
+          f"median of {repeats} fresh processes)\n")
     print(f"| rows | RssAnon after opening (MiB) | after {steps} loader steps (MiB) "
           "| start to first optimizer step (s) "
           "| disk per row (B) | payload per row (B) | disk ÷ payload | written in (s) |")
