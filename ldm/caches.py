@@ -27,6 +27,7 @@ import glob
 import hashlib
 import json
 import os
+import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -36,12 +37,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from accelerate import Accelerator, PartialState
+from accelerate.utils import reduce
 from datasets.arrow_writer import ArrowWriter
 from datasets.table import MemoryMappedTable, concat_tables
 from tqdm.auto import tqdm
 
 from ldm.config import ConfigError
-from ldm.data import EpochDataset, ImageCaptionDataset, dataloader, pick_caption
+from ldm.data import EpochDataset, ImageCaptionDataset, caption_list, dataloader, pick_caption
 from ldm.text import tokenize
 
 FORMAT_VERSION = 2  # 1: one safetensors file per cache, loaded whole into every process
@@ -154,19 +156,39 @@ def load_or_build(folder: str, layout: CacheLayout, source_rows: int, chunk_rows
         ranges = [range(start, min(start + chunk_rows, source_rows)) for start in range(0, source_rows, chunk_rows)]
         mine = [k for k in range(processes.process_index, len(ranges), processes.num_processes)
                 if not os.path.isfile(os.path.join(folder, chunk_file(k)))]
-        for k in tqdm(mine, desc=f"encoding {what}", disable=not mine):
-            write_chunk(os.path.join(folder, chunk_file(k)), layout, encode(ranges[k]))
+        failure = None
+        try:
+            for k in tqdm(mine, desc=f"encoding {what}", disable=not mine):
+                write_chunk(os.path.join(folder, chunk_file(k)), layout, encode(ranges[k]))
+        except Exception as error:  # raised below, once every process knows: none may wait for this one forever
+            failure = error
         encoded = len(mine)
         processes.wait_for_everyone()
+        check_build(folder, len(ranges), failure, processes)
         if processes.is_main_process:
             write_manifest(folder, layout, ranges, chunk_rows, key_parts)
         processes.wait_for_everyone()
     return ChunkedCache(folder, encoded)
 
 
+def check_build(folder: str, chunks: int, failure: Exception | None, processes: PartialState | Accelerator) -> None:
+    """Every process stops if any failed, or if any cannot see every chunk (on several machines,
+    a --cache_dir that is not shared), rather than wait for the others at the next barrier."""
+    unseen = sum(not os.path.isfile(os.path.join(folder, chunk_file(k))) for k in range(chunks))
+    failed, missing = reduce(torch.tensor([float(failure is not None), float(unseen)], device=processes.device),
+                             "sum").tolist()
+    if failure is not None:
+        raise failure
+    if failed:
+        raise RuntimeError(f"another process failed while building the cache in {folder}; its log says why")
+    if missing:
+        raise ConfigError(f"{folder}: chunks that other processes wrote are missing here; on several machines, "
+                          "--cache_dir must be a folder that every machine shares")
+
+
 def write_chunk(path: str, layout: CacheLayout, tables: Iterator[pa.Table]) -> None:
     """Write under a temporary name, then rename: a chunk file that exists is complete."""
-    partial = f"{path}.partial-{os.getpid()}"
+    partial = partial_name(path)
     writer = ArrowWriter(features=layout.features(), path=partial)
     try:
         for table in tables:
@@ -174,7 +196,28 @@ def write_chunk(path: str, layout: CacheLayout, tables: Iterator[pa.Table]) -> N
         writer.finalize()
     finally:
         writer.close()
+    durable_replace(partial, path)
+
+
+def partial_name(path: str) -> str:
+    """A temporary name no other writer uses, also on another machine sharing the folder."""
+    return f"{path}.partial-{socket.gethostname()}-{os.getpid()}"
+
+
+def durable_replace(partial: str, path: str) -> None:
+    """Rename `partial` to `path` once its bytes are on disk, so that not even a machine's crash
+    leaves a truncated file under the final name."""
+    descriptor = os.open(partial, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
     os.replace(partial, path)
+    folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def write_manifest(folder: str, layout: CacheLayout, ranges: list[range], chunk_rows: int, key_parts: dict) -> None:
@@ -191,10 +234,11 @@ def write_manifest(folder: str, layout: CacheLayout, ranges: list[range], chunk_
                 "chunk_rows": chunk_rows,
                 "shapes": {name: list(shape) for name, shape in layout.tensors.items()},
                 "rows": sum(chunk["rows"] for chunk in chunks), "chunks": chunks}
-    partial = os.path.join(folder, f"{MANIFEST}.partial-{os.getpid()}")
+    path = os.path.join(folder, MANIFEST)
+    partial = partial_name(path)
     with open(partial, "w") as f:
         json.dump(manifest, f, indent=1)
-    os.replace(partial, os.path.join(folder, MANIFEST))
+    durable_replace(partial, path)
     for leftover in glob.glob(os.path.join(folder, "*.partial-*")):
         os.remove(leftover)
 
@@ -222,12 +266,6 @@ def flat_column(array: np.ndarray, dtype: str, what: str) -> pa.FixedSizeListArr
                          "rebuild the cache with --cache_dtype float32")
     rows = stored.reshape(len(stored), -1)
     return pa.FixedSizeListArray.from_arrays(pa.array(rows.ravel()), rows.shape[1])
-
-
-def caption_list(value) -> list[str]:
-    """A row's captions as a non-empty list of strings (a missing caption is the empty prompt)."""
-    values = value if isinstance(value, (list, tuple)) else [value]
-    return [v if isinstance(v, str) else "" for v in values] or [""]
 
 
 # ---------------------------------------------------------------- latents

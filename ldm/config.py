@@ -338,6 +338,8 @@ class UNetConfig(TrainConfig):
         "help": "storage dtype of the caches; float16 halves disk and reads"})
     cache_chunk_rows: int = field(default=1024, metadata={
         "help": "source rows per cache file; a killed build re-encodes at most one per process"})
+    cache_batch_size: int = field(default=64, metadata={
+        "help": "images per VAE call while building the latent cache (lower it if the encoder runs out of memory)"})
     streaming: bool = field(default=False, metadata={
         "help": "read the dataset as a stream (🤗 datasets streaming, split across processes by shard), "
                 "for data bigger than the disk; the encoders run in the step and nothing is cached"})
@@ -365,16 +367,20 @@ class UNetConfig(TrainConfig):
                 "more than 258 (256 byte tokens and 2 special tokens come first)")
         require(not (self.uses_caches and not self.center_crop), "center_crop", self.center_crop,
                 "true while cache_latents is on: a random crop differs every epoch and cannot be cached")
-        require(self.cache_chunk_rows > 0, "cache_chunk_rows", self.cache_chunk_rows, "a positive integer")
+        require(not (self.train_text_encoder and self.text_encoder_name_or_path), "train_text_encoder",
+                self.train_text_encoder, "false with a pretrained text encoder, which stays frozen")
+        for name in ("cache_chunk_rows", "cache_batch_size"):
+            require(getattr(self, name) > 0, name, getattr(self, name), "a positive integer")
         require(not (self.streaming and self.max_train_samples), "max_train_samples", self.max_train_samples,
                 "null with --streaming (datasets' take() does not split across processes)")
         require(not (self.streaming and self.dataloader_num_workers), "dataloader_num_workers",
                 self.dataloader_num_workers, "0 with --streaming: the stream's position is saved in checkpoints "
                 "for exact resume, and worker processes would hold it out of reach")
+        require(not (self.streaming and self.text_encoder_name_or_path is None), "text_encoder_name_or_path",
+                self.text_encoder_name_or_path, "a pretrained text encoder with --streaming: training a tokenizer "
+                "on the captions would have one process read the whole stream first")
 
     @property
     def uses_caches(self) -> bool:
         """A stream is read once, as it comes: nothing is cached."""
         return self.cache_latents and not self.streaming
-        require(not (self.train_text_encoder and self.text_encoder_name_or_path), "train_text_encoder",
-                self.train_text_encoder, "false with a pretrained text encoder, which stays frozen")

@@ -11,6 +11,7 @@ import random
 from dataclasses import dataclass
 
 import datasets
+from datasets.utils.file_utils import xopen
 import numpy as np
 import torch
 from PIL import Image, ImageOps
@@ -74,6 +75,9 @@ def open_rgb(image) -> Image.Image:
     """
     if isinstance(image, dict):
         image = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
+    if isinstance(image, str) and "://" in image:  # a streamed dataset's file: hf://, https://, s3://, ...
+        with xopen(image, "rb") as remote:
+            image = io.BytesIO(remote.read())
     picture = image if isinstance(image, Image.Image) else Image.open(image)
     picture.load()  # decode now: a truncated file fails here, not later in a worker
     picture = ImageOps.exif_transpose(picture)
@@ -183,12 +187,17 @@ class ImageCaptionDataset(EpochDataset):
         return {"index": index, "pixel_values": self.transform(picture, rng), "caption": pick_caption(caption, rng)}
 
 
+def caption_list(value) -> list[str]:
+    """A row's captions as a non-empty list of strings (a missing caption is the empty prompt)."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return [v if isinstance(v, str) else "" for v in values] or [""]
+
+
 def pick_caption(caption, rng: random.Random) -> str:
     """A row may hold several captions; each epoch sees one of them at random (by the same draw as
     ldm.caches.CachedRows picks a cached embedding with)."""
-    if isinstance(caption, (list, tuple)):
-        return caption[rng.randrange(len(caption))] if caption else ""
-    return caption or ""
+    captions = caption_list(caption)
+    return captions[rng.randrange(len(captions))]
 
 
 def collate(rows: list[dict]) -> dict:

@@ -55,7 +55,8 @@ class StreamBatches:
     Yields (batch number, batch) like `ldm.training.resumed_batches`; the batch number counts this
     process's batches since the run began, for the noise generator. A batch is `collate`d rows of
     `examples.prepare`, each row's random crop, flip and caption drawn from (seed, epoch, process,
-    its position in the epoch), so a resumed run draws the same."""
+    its position in the epoch), so a resumed run draws the same. The position is only valid for the
+    same split: resuming with another number of processes stops with an error."""
 
     def __init__(self, stream: datasets.IterableDataset, examples: ImageCaptionDataset, batch_size: int,
                  process_index: int, num_processes: int):
@@ -65,13 +66,20 @@ class StreamBatches:
                               "or a dataset with more shards (files)")
         self.stream = split_dataset_by_node(stream, rank=process_index, world_size=num_processes)
         self.examples, self.batch_size, self.process_index = examples, batch_size, process_index
+        self.split = {"processes": num_processes, "shards": stream.num_shards}
         self.position = {"epoch": 0, "examples": 0, "batches": 0, "dataset": None}
 
     def state_dict(self) -> dict:
-        return dict(self.position)
+        return {**self.position, "split": self.split}
 
     def load_state_dict(self, state: dict) -> None:
-        self.position = dict(state)
+        state = dict(state)
+        saved = state.pop("split")
+        if saved != self.split:
+            raise ConfigError(f"the stream's position was saved with {saved['processes']} process(es) over "
+                              f"{saved['shards']} shard(s); this run has {self.split['processes']} over "
+                              f"{self.split['shards']}: resume with the same processes and data")
+        self.position = state
 
     def __iter__(self):
         while True:
@@ -84,7 +92,7 @@ class StreamBatches:
             for example in self.stream:
                 rows.append(self.examples.prepare(example[self.examples.image_column],
                                                   example[self.examples.caption_column],
-                                                  f"{self.process_index}/{seen}"))
+                                                  f"{self.process_index}/{epoch}/{seen}"))
                 seen += 1
                 if len(rows) == self.batch_size:
                     yield self.advance(epoch, seen, self.stream.state_dict()), collate(rows)

@@ -23,10 +23,9 @@ from tqdm.auto import tqdm
 from transformers import CLIPTokenizer
 
 from ldm import diffusion
-from ldm.caches import (CachedRows, ChunkedCache, ChunkShuffle, as_batch, caption_list, load_or_build_latents,
-                        load_or_build_texts)
+from ldm.caches import CachedRows, ChunkedCache, ChunkShuffle, as_batch, load_or_build_latents, load_or_build_texts
 from ldm.config import ConfigError, UNetConfig, require_divisible
-from ldm.data import ImageCaptionDataset, SkipCounter, dataloader, load_splits
+from ldm.data import ImageCaptionDataset, SkipCounter, caption_list, dataloader, load_splits
 from ldm.hub import find_model, finish_run
 from ldm.models import read_architecture, vae_scale_factor, vae_subfolder
 from ldm.openmoji import default_cache_dir
@@ -38,6 +37,7 @@ from ldm.training import (Throughput, apply_gradients, batch_generator, check_fi
                           save_run_config, save_validation_grid, finish_training, unreadable_rows)
 
 logger = get_logger(__name__)
+UNREADABLE_BATCHES = 100  # in a row, before the run stops instead of skipping on forever
 
 
 def train(config: UNetConfig) -> dict:
@@ -84,12 +84,16 @@ def train(config: UNetConfig) -> dict:
     skipped, meter, bins = SkipCounter(), Throughput(), {}
     progress = tqdm(total=config.max_train_steps, initial=global_step, desc="train_unet",
                     disable=not accelerator.is_local_main_process)
-    running, micro_batches, seen = 0.0, 0, 0
+    running, micro_batches, seen, unreadable_batches = 0.0, 0, 0, 0
     for batch_number, batch in batches:
         if global_step >= config.max_train_steps:
             break
         if "indices" in batch:  # images decoded in the step: count the unreadable ones
             skipped.update(batch)
+            unreadable_batches = 0 if batch["indices"] else unreadable_batches + 1
+            if unreadable_batches == UNREADABLE_BATCHES:
+                raise ValueError(f"{UNREADABLE_BATCHES} batches in a row had no readable image (last: rows "
+                                 f"{batch['skipped'][:8]}...): check image_column and the data")
             if not batch["indices"]:
                 continue  # every image of this batch was unreadable
         generator = batch_generator(config.seed, accelerator.process_index, batch_number, accelerator.device)
@@ -183,7 +187,7 @@ class TrainingData:
             if checkpoint is not None:
                 load_stream_state(self.stream, checkpoint)
             logger.info(f"streaming {self.stream.stream.num_shards} shard(s) on each of {accelerator.num_processes} "
-                        "process(es)")
+                        "process(es)")  # split_dataset_by_node's num_shards is this process's share
             return global_step, ((number, send_to_device(batch, accelerator.device)) for number, batch in self.stream)
         steps_per_epoch = math.ceil(len(self.loader) / config.gradient_accumulation_steps)
         global_step, first_epoch, batches_to_skip = resume_state(accelerator, config, steps_per_epoch)
@@ -220,7 +224,7 @@ def training_data(config: UNetConfig, accelerator: Accelerator, train_rows, vae,
     cache_root = config.cache_dir or default_cache_dir()
     latents = load_or_build_latents(vae, ImageCaptionDataset.from_config(train_rows, config, train=False),
                                     config.random_flip, cache_root, config.cache_dtype, config.cache_chunk_rows,
-                                    processes=accelerator)
+                                    config.cache_batch_size, processes=accelerator)
     logger.info(f"latent cache {latents.folder} ({latents.encoded_now} chunk(s) encoded by this process); "
                 f"{latents.skipped} unreadable image(s) left out")
     texts = None

@@ -259,6 +259,23 @@ def test_two_processes_build_the_same_caches_as_one(openmoji_32, tiny_tokenizer,
             assert_same_cache_files(tmp_path / "one" / folder, tmp_path / "two" / folder)
 
 
+@pytest.mark.parametrize("mode,message", [
+    ("fail", "another process failed while building the cache"),
+    ("unshared", "--cache_dir must be a folder that every machine shares")])
+def test_a_failed_or_unshared_build_stops_every_process_instead_of_hanging(openmoji_32, tmp_path, mode, message):
+    script = tmp_path / "build.py"
+    script.write_text(BUILD_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT,
+           "ACCELERATE_USE_CPU": "true"}
+    done = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "--main_process_port", str(29500 + (os.getpid() + len(mode)) % 1000), str(script), str(tmp_path / "c"), mode],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and message in done.stderr
+    assert "the encoder ran out of memory" in done.stderr or mode != "fail"  # the failing process says why
+
+
 BUILD_SCRIPT = '''
 """Build the latent (and text) cache of 20 OpenMoji rows in chunks of 4 under argv[1], with
 tests/conftest.py's tiny models (and the text cache with the tokenizer saved at $TOKENIZER, for
@@ -276,11 +293,18 @@ from tests.conftest import TINY_TEXT_ENCODER, TINY_VAE
 
 root, mode = sys.argv[1], sys.argv[2:]
 state = Accelerator()  # honours ACCELERATE_USE_CPU, as the trainers do
+if "unshared" in mode:  # as if each machine had its own --cache_dir
+    root = os.path.join(root, f"machine{state.process_index}")
 torch.manual_seed(0)
 vae = AutoencoderKL.from_config(TINY_VAE).eval()
 config = DataConfig(resolution=32, max_train_samples=20, random_flip=True)
 train, _ = load_splits(config)
 dataset = ImageCaptionDataset.from_config(train, config, train=False)
+if "fail" in mode and state.process_index == 1:
+    def failing(*args):
+        raise ValueError("the encoder ran out of memory")
+        yield
+    caches.encode_latents = failing
 if "kill" in mode:
     encode, calls = caches.encode_latents, []
     def dying(*args):

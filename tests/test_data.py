@@ -121,3 +121,14 @@ def test_transform_resizes_crops_scales_and_flips():
     assert torch.equal(flipped, tensor.flip(-1))
     crops = {ImageTransform(16, center_crop=False).crop_box((32, 16), row_random(0, epoch, 5)) for epoch in range(20)}
     assert len(crops) > 1
+
+
+def test_a_file_named_by_url_is_read_like_a_streamed_dataset_s_remote_file():
+    """A stream of image files yields their URLs (hf://...); they are read through fsspec, here
+    from its in-memory filesystem."""
+    import fsspec
+
+    with fsspec.open("memory://streamed/green.png", "wb") as f:
+        Image.new("RGB", (4, 4), (0, 255, 0)).save(f, format="PNG")
+    picture = open_rgb({"path": "memory://streamed/green.png", "bytes": None})
+    assert picture.getpixel((0, 0)) == (0, 255, 0)

@@ -72,6 +72,16 @@ def test_a_resumed_stream_continues_at_the_next_unseen_example(shards):
         assert captions == expected_captions and torch.equal(pixels, expected_pixels)
 
 
+def test_a_position_saved_with_another_split_is_refused(shards):
+    folder, _ = shards
+    config = stream_config(folder)
+    two = rank_batches(open_stream(config), config, rank=1, world=2)
+    take(two, 2)
+    four = rank_batches(open_stream(config), config, rank=1, world=4)
+    with pytest.raises(ConfigError, match="saved with 2 process.*over 4 shard.*this run has 4 over 4"):
+        four.load_state_dict(two.state_dict())
+
+
 def test_a_stream_that_processes_cannot_share_evenly_is_refused(shards):
     folder, _ = shards
     config = stream_config(folder)
@@ -86,5 +96,8 @@ def test_streaming_settings_that_cannot_work_fail_at_parse_time():
         parse_config(UNetConfig, ["--streaming", "--dataloader_num_workers", "2"])
     with pytest.raises(ConfigError, match="max_train_samples = 5 is invalid"):
         parse_config(UNetConfig, ["--streaming", "--max_train_samples", "5"])
+    with pytest.raises(ConfigError, match="a pretrained text encoder with --streaming"):
+        parse_config(UNetConfig, ["--streaming"])  # a tokenizer trained on the captions would read it all first
     # a stream is not cached, so a random crop is allowed
-    assert not parse_config(UNetConfig, ["--streaming", "--center_crop", "false"]).uses_caches
+    assert not parse_config(UNetConfig, ["--streaming", "--center_crop", "false", "--text_encoder_name_or_path",
+                                         "openai/clip-vit-large-patch14"]).uses_caches

@@ -242,8 +242,12 @@ def test_fine_tuning_takes_vae_unet_and_text_side_from_one_pipeline(parts, tmp_p
     train_unet.main(argv(parts, tuned, "--max_train_steps", "1", "--validation_steps", "100",
                          "--pretrained_model_name_or_path", str(base), "--pretrained_vae_model_name_or_path", str(base),
                          "--text_encoder_name_or_path", str(base)))
-    assert (load_file(base / "vae" / "diffusion_pytorch_model.safetensors").keys()
-            == load_file(tuned / "vae" / "diffusion_pytorch_model.safetensors").keys())
-    assert json.loads((base / "text_encoder" / "config.json").read_text())["hidden_size"] == 32
+    for frozen in ("vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        before, after = load_file(base / frozen), load_file(tuned / frozen)
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert (tuned / "tokenizer" / "tokenizer.json").read_text() == (base / "tokenizer" / "tokenizer.json").read_text()
+    unet_before, unet_after = unet_weights(base), unet_weights(tuned)  # the UNet started from base's and trained
+    assert unet_before.keys() == unet_after.keys() and not all(torch.equal(unet_before[k], unet_after[k])
+                                                               for k in unet_before)
     with pytest.raises(ConfigError, match="holds a UNet2DConditionModel, not a VAE"):
         train_unet.main(argv(parts, tmp_path / "bad", "--pretrained_vae_model_name_or_path", str(base / "unet")))
