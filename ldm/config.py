@@ -327,6 +327,20 @@ class UNetConfig(TrainConfig):
     noise_offset: float = 0.0
     input_perturbation: float = 0.0
     zero_terminal_snr: bool = False
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"] = field(
+        default="scaled_linear", metadata={"help": "the noise schedule (diffusers' names: scaled_linear is Stable "
+                                                   "Diffusion's, squaredcos_cap_v2 the cosine one); the saved "
+                                                   "pipeline samples with it"})
+    beta_start: float = field(default=0.00085, metadata={"help": "first beta of linear, scaled_linear and sigmoid"})
+    beta_end: float = field(default=0.012, metadata={"help": "last beta of linear, scaled_linear and sigmoid"})
+    num_train_timesteps: int = 1000
+    timestep_sampling: Literal["uniform", "logit_normal", "importance"] = field(default="uniform", metadata={
+        "help": "how training timesteps are drawn: uniform; logit_normal (SD3, --logit_mean, --logit_std); "
+                "importance (p(t) from the loss history, losses reweighted to stay unbiased)"})
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    importance_history: int = field(default=10, metadata={
+        "help": "losses kept per timestep for importance sampling; uniform until every timestep has them"})
     caption_dropout: float = field(default=0.1, metadata={"help": "share of captions replaced by '' (for CFG)"})
     cache_latents: bool = field(default=True, metadata={
         "help": "encode images (and, with a frozen text encoder, captions) once into on-disk caches; "
@@ -369,8 +383,12 @@ class UNetConfig(TrainConfig):
                 "true while cache_latents is on: a random crop differs every epoch and cannot be cached")
         require(not (self.train_text_encoder and self.text_encoder_name_or_path), "train_text_encoder",
                 self.train_text_encoder, "false with a pretrained text encoder, which stays frozen")
-        for name in ("cache_chunk_rows", "cache_batch_size"):
+        for name in ("cache_chunk_rows", "cache_batch_size", "importance_history"):
             require(getattr(self, name) > 0, name, getattr(self, name), "a positive integer")
+        require(0 < self.beta_start < self.beta_end < 1, "beta_start, beta_end", (self.beta_start, self.beta_end),
+                "0 < beta_start < beta_end < 1")
+        require(self.num_train_timesteps > 1, "num_train_timesteps", self.num_train_timesteps, "2 or more")
+        require(self.logit_std > 0, "logit_std", self.logit_std, "a positive number")
         require(not (self.streaming and self.max_train_samples), "max_train_samples", self.max_train_samples,
                 "null with --streaming (datasets' take() does not split across processes)")
         require(not (self.streaming and self.dataloader_num_workers), "dataloader_num_workers",

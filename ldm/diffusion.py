@@ -10,18 +10,29 @@ from diffusers import DDPMScheduler
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
 
 
+BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"]
+SAMPLERS_KNOW = ("linear", "scaled_linear", "squaredcos_cap_v2")  # every diffusers sampler builds these itself
+
+
 def noise_scheduler(prediction_type: PredictionType, zero_terminal_snr: bool = False,
-                    num_train_timesteps: int = 1000) -> DDPMScheduler:
-    """Stable Diffusion's scaled-linear DDPM schedule.
+                    beta_schedule: BetaSchedule = "scaled_linear", beta_start: float = 0.00085,
+                    beta_end: float = 0.012, num_train_timesteps: int = 1000) -> DDPMScheduler:
+    """The DDPM noise schedule: Stable Diffusion's scaled-linear one by default; linear (Ho et al.
+    2020), cosine (`squaredcos_cap_v2`, Nichol & Dhariwal 2021) or sigmoid (Jabri et al. 2022).
+    Samplers are built from this config, so the saved pipeline samples on the same schedule. Only
+    DDPMScheduler knows the sigmoid one, so its betas also go into the config as `trained_betas`,
+    which every sampler reads instead of its own schedule.
 
     `zero_terminal_snr` rescales the betas so the last step is pure noise (Lin et al. 2023,
     "Common Diffusion Noise Schedules and Sample Steps are Flawed"); pair it with v-prediction.
     """
     # steps_offset=1 and clip_sample=False are SD v1's values; StableDiffusionPipeline rewrites
     # others when it loads a folder, and would then draw other images than ours.
-    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="scaled_linear",
-                         beta_start=0.00085, beta_end=0.012, clip_sample=False, steps_offset=1,
-                         prediction_type=prediction_type, rescale_betas_zero_snr=zero_terminal_snr)
+    options = dict(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, beta_start=beta_start,
+                   beta_end=beta_end, clip_sample=False, steps_offset=1, prediction_type=prediction_type)
+    if beta_schedule not in SAMPLERS_KNOW:
+        options["trained_betas"] = DDPMScheduler(**options).betas.tolist()  # before any zero-SNR rescale
+    return DDPMScheduler(**options, rescale_betas_zero_snr=zero_terminal_snr)
 
 
 def sample_noise(latents: torch.Tensor, offset: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:

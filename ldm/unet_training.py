@@ -32,6 +32,7 @@ from ldm.openmoji import default_cache_dir
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.text import build_text_encoder, load_text_components, tokenize, train_tokenizer
 from ldm.streaming import StreamBatches, load_stream_state, open_stream, save_stream_state
+from ldm.timesteps import ImportanceTimesteps, mass_by_bin, timestep_sampler
 from ldm.training import (Throughput, apply_gradients, batch_generator, check_finite, find_checkpoint, load_checkpoint,
                           make_accelerator, make_ema, make_optimizer, resume_state, resumed_batches, save_checkpoint,
                           save_run_config, save_validation_grid, finish_training, unreadable_rows)
@@ -53,7 +54,8 @@ def train(config: UNetConfig) -> dict:
     tokenizer, text_encoder = text_side(config, train_rows, accelerator, resuming)
     unet = load_unet(config)
     check_cross_attention(unet, text_encoder)
-    noise_scheduler = diffusion.noise_scheduler(config.prediction_type, config.zero_terminal_snr)
+    noise_scheduler = diffusion.noise_scheduler(config.prediction_type, config.zero_terminal_snr, config.beta_schedule,
+                                                config.beta_start, config.beta_end, config.num_train_timesteps)
     vae.to(accelerator.device)
     text_encoder.to(accelerator.device)
 
@@ -71,6 +73,10 @@ def train(config: UNetConfig) -> dict:
     optimizer, lr_scheduler = make_optimizer([p for m in trained for p in m.parameters()], config, accelerator,
                                              optimizer_class=adam_class(config))
     ema = make_ema(unet, config, accelerator)
+    timesteps_from = timestep_sampler(config.timestep_sampling, config.num_train_timesteps, config.logit_mean,
+                                      config.logit_std, config.importance_history, accelerator.gather)
+    if isinstance(timesteps_from, ImportanceTimesteps):
+        accelerator.register_for_checkpointing(timesteps_from)  # its loss history: resume stays exact
     # A stream (data.loader None) stays out of Accelerate: each process reads its own shards.
     *models, optimizer, lr_scheduler, data.loader = accelerator.prepare(*trained, optimizer, lr_scheduler, data.loader)
     unet = models[0]
@@ -102,8 +108,7 @@ def train(config: UNetConfig) -> dict:
             latents = diffusion.normalise_latents(mean + std * torch.randn(
                 mean.shape, generator=generator, device=mean.device), vae.config)
             noise = diffusion.sample_noise(latents, config.noise_offset, generator)
-            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                      generator=generator, device=latents.device)
+            timesteps, importance = timesteps_from.sample(latents.shape[0], generator)
             noisy = diffusion.noised(noise_scheduler, latents, noise, timesteps, config.input_perturbation,
                                      generator)
             conditioning = encode_captions(batch, tokenizer, text_encoder, empty, empty_ids, config.caption_dropout,
@@ -114,12 +119,13 @@ def train(config: UNetConfig) -> dict:
             weights = (diffusion.min_snr_weights(diffusion.snr(noise_scheduler, timesteps), config.snr_gamma,
                                                  config.prediction_type)
                        if config.snr_gamma else torch.ones_like(per_sample))
-            loss = (weights * per_sample).mean()
+            loss = (importance * weights * per_sample).mean()
             check_finite(accelerator.reduce(loss.detach(), "mean"), global_step + 1)
 
             apply_gradients(accelerator, loss, [p for m in models for p in m.parameters()], optimizer, lr_scheduler,
                             config.max_grad_norm)
 
+        timesteps_from.update(timesteps, (weights * per_sample).detach())
         add_bins(bins, per_sample.detach(), timesteps, noise_scheduler, config.loss_bins)
         running += loss.item()
         micro_batches += 1
@@ -142,7 +148,7 @@ def train(config: UNetConfig) -> dict:
                             data.add_checkpoint_files)
             meter.restart()
         if global_step % config.validation_steps == 0 and global_step < config.max_train_steps:
-            log_bins(accelerator, bins, global_step)
+            log_bins(accelerator, bins, timesteps_from, config.loss_bins, global_step)
             bins = {}
             validate(accelerator, config, vae, tokenizer, text_encoder, unet, ema, noise_scheduler, global_step)
             meter.restart()
@@ -150,7 +156,7 @@ def train(config: UNetConfig) -> dict:
 
     # 6. The final pipeline, with the EMA weights when there are some.
     accelerator.wait_for_everyone()
-    log_bins(accelerator, bins, global_step)
+    log_bins(accelerator, bins, timesteps_from, config.loss_bins, global_step)
     pipeline = export_pipeline(accelerator, vae, tokenizer, text_encoder, unet, ema, noise_scheduler)
     if accelerator.is_main_process:
         pipeline.save_pretrained(config.output_dir, safe_serialization=True)
@@ -335,10 +341,13 @@ def add_bins(bins: dict, per_sample: torch.Tensor, timesteps: torch.Tensor, sche
         bins[b] = (old_total + total, old_n + n)
 
 
-def log_bins(accelerator: Accelerator, bins: dict, step: int) -> None:
+def log_bins(accelerator: Accelerator, bins: dict, timesteps_from, count: int, step: int) -> None:
+    """The mean loss per timestep bin since the last call, and the probability of drawing each bin."""
     if bins:
         accelerator.log({f"loss_by_timestep/bin_{b:02d}": total / n for b, (total, n) in sorted(bins.items())},
                         step=step)
+        masses = mass_by_bin(timesteps_from.probabilities(), count)
+        accelerator.log({f"timestep_probability/bin_{b:02d}": mass for b, mass in enumerate(masses)}, step=step)
 
 
 # ---------------------------------------------------------------- validation and export

@@ -8,13 +8,14 @@ import sys
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
 from transformers import CLIPTextModel
 
 import train_unet
 from ldm.config import ConfigError, UNetConfig, parse_config
 from ldm.data import load_splits
+from ldm.diffusion import noise_scheduler
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.text import load_text_components, text_encoder_config
 from ldm.training import NonFiniteLossError, make_accelerator
@@ -60,10 +61,18 @@ def unet_weights(folder):
     return load_file(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
 
 
-def test_two_step_run_writes_a_pipeline_that_generate_loads(parts, tmp_path, openmoji_32):
+@pytest.mark.parametrize("schedule", ["scaled_linear", "sigmoid"])
+def test_two_step_run_writes_a_pipeline_that_generate_loads(parts, tmp_path, openmoji_32, schedule):
+    """Also with a noise schedule that only DDPMScheduler knows: every sampler, ours and diffusers',
+    reads the schedule the model was trained with from the saved config."""
     out = tmp_path / "run"
-    result = train_unet.main(argv(parts, out, "--max_train_steps", "2", "--validation_steps", "1"))
+    result = train_unet.main(argv(parts, out, "--max_train_steps", "2", "--validation_steps", "1",
+                                  "--beta_schedule", schedule, "--beta_start", "0.0001", "--beta_end", "0.02"))
     assert result["global_step"] == 2
+    saved = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    trained = noise_scheduler("epsilon", beta_schedule=schedule, beta_start=0.0001, beta_end=0.02)
+    assert saved["beta_schedule"] == schedule and saved["beta_start"] == 0.0001
+    assert torch.equal(DDIMScheduler.from_config(saved).alphas_cumprod, trained.alphas_cumprod)
     assert {"model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler",
             "training_config.yaml"} <= set(os.listdir(out))
     assert os.path.isfile(out / "validation" / "step-000001.png")
@@ -107,7 +116,8 @@ def test_runs_reuse_the_caches_and_rebuild_them_when_inputs_change(parts, tmp_pa
     assert len(new) == 1 and new.pop().startswith("latents-")
 
 
-def test_resumed_run_ends_with_the_same_weights(parts, tmp_path, openmoji_32):
+@pytest.mark.parametrize("sampling", ["uniform", "importance"])
+def test_resumed_run_ends_with_the_same_weights(parts, tmp_path, openmoji_32, sampling):
     """20 rows at batch 8 are 3 steps an epoch: the run stops mid-epoch at step 4, and the resumed
     run must skip the batches it saw and replay the same noise, dropout, flips and captions.
 
@@ -116,7 +126,9 @@ def test_resumed_run_ends_with_the_same_weights(parts, tmp_path, openmoji_32):
     nothing before step 4. Both runs share a saved text encoder (a BPE tokenizer trained anew can
     break ties differently). CPU kernels are deterministic here, so the weights match exactly."""
     common = ["--checkpointing_steps", "2", "--validation_steps", "100", "--caption_dropout", "0.3",
-              "--random_flip", "--text_encoder_name_or_path", str(parts / "clip")]
+              "--random_flip", "--text_encoder_name_or_path", str(parts / "clip"), "--timestep_sampling", sampling]
+    if sampling == "importance":  # 4 timesteps x 2 losses: warmed up within the first steps, then non-uniform
+        common += ["--num_train_timesteps", "4", "--importance_history", "2"]
     train_unet.main(argv(parts, tmp_path / "straight", "--max_train_steps", "7", *common))
     AcceleratorState._reset_state(reset_partial_state=True)
     train_unet.main(argv(parts, tmp_path / "resumed", "--max_train_steps", "4", *common))
@@ -128,6 +140,21 @@ def test_resumed_run_ends_with_the_same_weights(parts, tmp_path, openmoji_32):
     # and the steps after the checkpoint did change the weights (EMA included)
     at_four = load_file(tmp_path / "resumed" / "checkpoint-4" / "model.safetensors")
     assert not all(torch.equal(straight[name], at_four[name]) for name in straight)
+    if sampling == "importance":  # the loss history is in the checkpoint, past its warm-up
+        history = torch.load(tmp_path / "resumed" / "checkpoint-4" / "custom_checkpoint_1.pkl", weights_only=True)
+        assert (history["counts"] >= 2).all()
+
+
+def test_unknown_schedule_or_sampling_fails_before_any_work_listing_the_valid_ones(tmp_path, capsys):
+    for flag, value in (("--beta_schedule", "cosine"), ("--timestep_sampling", "lognormal")):
+        with pytest.raises(SystemExit):
+            parse_config(UNetConfig, ["--output_dir", str(tmp_path / "run"), flag, value])
+        error = capsys.readouterr().err
+        assert f"invalid choice: '{value}'" in error
+        assert ("squaredcos_cap_v2" in error) if flag == "--beta_schedule" else ("logit_normal" in error)
+    assert not os.path.exists(tmp_path / "run")
+    with pytest.raises(ConfigError, match="0 < beta_start < beta_end < 1"):
+        parse_config(UNetConfig, ["--beta_start", "0.02", "--beta_end", "0.01"])
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(parts, tmp_path, openmoji_32):
