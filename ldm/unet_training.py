@@ -154,7 +154,10 @@ def train(config: UNetConfig) -> dict:
             meter.restart()
     progress.close()
 
-    # 6. The final pipeline, with the EMA weights when there are some.
+    # 6. The final pipeline, with the EMA weights when there are some. The unreadable images are
+    # counted first: a collective's Python tensor freed on gloo's thread while the process group is
+    # torn down deadlocks both (see finish_training), so the last such collective is not the last one.
+    unreadable = data.unreadable(skipped, accelerator)
     accelerator.wait_for_everyone()
     log_bins(accelerator, bins, timesteps_from, config.loss_bins, global_step)
     pipeline = export_pipeline(accelerator, vae, tokenizer, text_encoder, unet, ema, noise_scheduler)
@@ -162,7 +165,6 @@ def train(config: UNetConfig) -> dict:
         pipeline.save_pretrained(config.output_dir, safe_serialization=True)
         save_validation_grid(sample_grid(pipeline, config, accelerator.device), config.output_dir, accelerator,
                              global_step, "samples")
-    unreadable = data.unreadable(skipped, accelerator)
     logger.info(f"skipped {unreadable} unreadable image(s); saved the pipeline to {config.output_dir}",
                 main_process_only=True)
     finish_training(accelerator)

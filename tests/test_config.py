@@ -92,3 +92,10 @@ def test_yaml_float_without_a_dot_is_read_as_a_float(tmp_path):
     # YAML 1.1 reads `1e-4` as a string; users write it anyway.
     (tmp_path / "c.yaml").write_text("learning_rate: 1e-4\n")
     assert parse_config(TrainConfig, ["--config", str(tmp_path / "c.yaml")]).learning_rate == 1e-4
+
+
+def test_a_pretrained_text_encoder_cannot_be_trained_jointly():
+    from ldm.config import UNetConfig
+
+    with pytest.raises(ConfigError, match="train_text_encoder = True is invalid; expected false with a pretrained"):
+        parse_config(UNetConfig, ["--train_text_encoder", "--text_encoder_name_or_path", "openai/clip-vit-base-patch32"])
