@@ -8,10 +8,10 @@ scale: for each size, a latent cache and a text cache of that many rows with the
     (1x4x8x8 latents, mean and std; 24x128 text states of a frozen text encoder; float16; random
     values, OpenMoji-like captions), written through the cache writer. A fresh process then opens
     them, prepares the training DataLoader as train_unet.py does, takes one optimizer step of the
-    demo UNet, then 200 loader steps (3 processes per size, medians). Printed: RssAnon (resident anonymous memory: plain RSS also
-    counts the memory-mapped file pages, which the kernel can drop) after opening and after the
-    200 steps, seconds from process start to the first optimizer step, and bytes per row on disk
-    against the payload (the tensors and the caption text).
+    demo UNet, then 200 loader steps (3 processes per size, medians). Printed: RssAnon (resident
+    anonymous memory: plain RSS also counts the memory-mapped file pages, which the kernel can
+    drop) after opening and after the 200 steps, seconds from process start to the first optimizer
+    step, and bytes per row on disk against the payload (the tensors and the caption text).
 build: the latent cache of the OpenMoji training set (3,625 images at 32 px) through the demo VAE,
     built by 1 process and by 2 (accelerate launch, OMP_NUM_THREADS=1 each): rows per second.
 speed: train_unet.py with configs/unet/demo.yaml, this tree against `--baseline` (a git revision
@@ -36,8 +36,8 @@ import pyarrow as pa  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from ldm.caches import (CacheLayout, ChunkedCache, chunk_file, latent_layout, text_layout,  # noqa: E402
-                        write_chunk, write_manifest)
+from ldm.caches import latent_layout, text_layout  # noqa: E402
+from ldm.chunks import CacheLayout, ChunkedCache, chunk_file, write_chunk, write_manifest  # noqa: E402
 
 LATENT = (1, 4, 8, 8)  # the demo's: 32 px through an f = 4 VAE
 TEXT = (24, 128)  # the demo's tokenizer context and text encoder width
@@ -94,7 +94,8 @@ def open_and_train(latent_folder: str, text_folder: str, steps: int) -> dict:
     from accelerate import Accelerator
     from diffusers import UNet2DConditionModel
 
-    from ldm.caches import CachedRows, ChunkShuffle, as_batch
+    from ldm.caches import CachedRows
+    from ldm.chunks import ChunkShuffle, as_batch
     from ldm.models import read_architecture
 
     torch.set_num_threads(1)

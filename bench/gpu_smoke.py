@@ -99,7 +99,8 @@ def main() -> int:
             pipelines.append(output)
     if pipelines:  # the stream: the encoders in the step, batches moved to the GPU outside Accelerate
         run(f"train_unet.py --streaming {precisions[-1]}", [
-            *unet_common, "--streaming", "--mixed_precision", precisions[-1], "--text_encoder_name_or_path", pipelines[0],
+            *unet_common, "--streaming", "--mixed_precision", precisions[-1],
+            "--text_encoder_name_or_path", pipelines[0],
             "--output_dir", os.path.join(args.out, "unet-streaming")], results)
         run("generate.py float16" if not args.rehearse else "generate.py bfloat16", [
             "generate.py", "--model", pipelines[0], "--prompt", "grinning face", "--num_images_per_prompt", "2",

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from transformers import CLIPTokenizer
 
 from ldm import diffusion
-from ldm.caches import CachedRows, ChunkedCache, ChunkShuffle, as_batch, load_or_build_latents, load_or_build_texts
+from ldm.caches import CachedRows, load_or_build_latents, load_or_build_texts
+from ldm.chunks import ChunkedCache, ChunkShuffle, as_batch
 from ldm.config import ConfigError, UNetConfig, require_divisible
 from ldm.data import ImageCaptionDataset, SkipCounter, caption_list, dataloader, load_splits
 from ldm.hub import find_model, finish_run

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from ldm.caches import (MANIFEST, CachedRows, ChunkShuffle, chunk_file, load_or_build_latents, load_or_build_texts)
+from ldm.caches import CachedRows, load_or_build_latents, load_or_build_texts
+from ldm.chunks import MANIFEST, ChunkShuffle, chunk_file
 from ldm.config import DataConfig
 from ldm.data import ImageCaptionDataset, load_splits, row_random
 from ldm.text import tokenize
@@ -289,6 +290,7 @@ import ldm.caches as caches
 from ldm.config import DataConfig
 from ldm.data import ImageCaptionDataset, load_splits
 from ldm.text import text_encoder_config
+from ldm.training import finish_training
 from tests.conftest import TINY_TEXT_ENCODER, TINY_VAE
 
 root, mode = sys.argv[1], sys.argv[2:]
@@ -323,4 +325,5 @@ if "texts" in mode:
     texts = caches.load_or_build_texts(tokenizer, encoder, train, "text", root, chunk_rows=6, processes=state)
     report["text_encoded_now"] = texts.encoded_now
 print(json.dumps(report), flush=True)
+finish_training(state)  # a barrier, then the process group closed, as the trainers end
 '''

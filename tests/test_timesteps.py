@@ -95,6 +95,7 @@ import json, sys
 import torch
 from accelerate import Accelerator
 from ldm.timesteps import ImportanceTimesteps
+from ldm.training import finish_training
 accelerator = Accelerator()
 sampler = ImportanceTimesteps(6, history=2, gather=accelerator.gather)
 rank = accelerator.process_index
@@ -103,6 +104,7 @@ for step in range(4):  # each process feeds losses of its own; 6 timesteps x 2 l
     sampler.update(timesteps, timesteps.float() + 10 * rank + step)
 with open(f"{sys.argv[1]}/rank{rank}.json", "w") as f:  # one file each: two processes' prints interleave
     json.dump({"p": sampler.probabilities().tolist(), "warm": sampler.warmed_up}, f)
+finish_training(accelerator)  # a barrier, then the process group closed, as the trainers end
 """
 
 
