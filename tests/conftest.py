@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 # Nothing in the suite may reach a hub; set before any Hugging Face import.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -14,6 +15,15 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel
 
 from ldm.text import text_encoder_config, train_tokenizer
+
+def two_processes(port_offset: int) -> list[str]:
+    """The command that starts a script in two CPU processes over gloo, with ACCELERATE_USE_CPU=true
+    in its environment: torchrun through `accelerate launch --multi_gpu` (`--cpu --num_processes 2`
+    would quietly start one). Each test takes its own port offset, so launches do not collide."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(29500 + (os.getpid() + port_offset) % 1000)]
+
 
 TINY_CAPTIONS = [
     "grinning face", "red heart", "blue circle", "thumbs up", "cat face", "dog face",

@@ -15,6 +15,7 @@ from ldm.chunks import MANIFEST, ChunkShuffle, chunk_file
 from ldm.config import DataConfig
 from ldm.data import ImageCaptionDataset, load_splits, row_random
 from ldm.text import tokenize
+from tests.conftest import two_processes
 from tests.test_data import save_broken, save_modes, write_metadata
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -246,9 +247,7 @@ def test_two_processes_build_the_same_caches_as_one(openmoji_32, tiny_tokenizer,
                          text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         "--main_process_port", str(29500 + (os.getpid() + 11) % 1000), str(script), str(tmp_path / "two"), "texts"],
+        [*two_processes(11), str(script), str(tmp_path / "two"), "texts"],
         env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     reports = sorted((json.loads(line) for line in two.stdout.splitlines() if line.startswith("{")),
@@ -269,9 +268,7 @@ def test_a_failed_or_unshared_build_stops_every_process_instead_of_hanging(openm
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT,
            "ACCELERATE_USE_CPU": "true"}
     done = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         "--main_process_port", str(29500 + (os.getpid() + len(mode)) % 1000), str(script), str(tmp_path / "c"), mode],
+        [*two_processes(len(mode)), str(script), str(tmp_path / "c"), mode],
         env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and message in done.stderr
     assert "the encoder ran out of memory" in done.stderr or mode != "fail"  # the failing process says why

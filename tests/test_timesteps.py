@@ -3,13 +3,13 @@
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 
 from ldm.timesteps import (UNIFORM_SHARE, ImportanceTimesteps, LogitNormalTimesteps, UniformTimesteps, mass_by_bin,
                            timestep_sampler)
+from tests.conftest import two_processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -113,9 +113,7 @@ def test_with_two_processes_every_process_samples_from_the_same_gathered_history
     script.write_text(GATHER)
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     done = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         "--main_process_port", str(29500 + (os.getpid() + 17) % 1000), str(script), str(tmp_path)],
+        [*two_processes(17), str(script), str(tmp_path)],
         env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]

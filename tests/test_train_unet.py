@@ -20,7 +20,7 @@ from ldm.pipeline import LatentDiffusionPipeline
 from ldm.text import load_text_components, text_encoder_config
 from ldm.training import NonFiniteLossError, make_accelerator
 from ldm.unet_training import load_frozen_vae, training_data
-from tests.conftest import TINY_TEXT_ENCODER, TINY_UNET, TINY_VAE
+from tests.conftest import TINY_TEXT_ENCODER, TINY_UNET, TINY_VAE, two_processes
 from tests.test_streaming import write_parquet_shards
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -185,9 +185,7 @@ def test_two_process_launch(parts, tmp_path, openmoji_32):
     `accelerate launch --cpu --num_processes 2` would quietly start one."""
     out = tmp_path / "run"
     launched = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         "--main_process_port", str(29500 + (os.getpid() + 7) % 1000), "train_unet.py",
+        [*two_processes(7), "train_unet.py",
          *argv(parts, out, "--max_train_steps", "2", "--validation_steps", "100", "--checkpointing_steps", "1")],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
         env={**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
@@ -242,9 +240,7 @@ def test_two_process_streaming_run_resumes_where_it_stopped(parts, tmp_path, ope
         at = flags.index("--max_train_samples")  # a stream is read whole
         del flags[at:at + 2]
         done = subprocess.run(
-            [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-             "--main_process_port", str(29500 + (os.getpid() + len(extra) * 13) % 1000), "train_unet.py", *flags],
+            [*two_processes(len(extra) * 13), "train_unet.py", *flags],
             cwd=ROOT, capture_output=True, text=True, timeout=300,
             env={**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
         assert done.returncode == 0, done.stderr[-3000:]

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -23,7 +22,7 @@ from ldm.models import load_vae, vae_architecture, vae_scale_factor
 from ldm.training import NonFiniteLossError
 from ldm.vae import psnr, ssim
 from ldm.vae_loss import PatchDiscriminator
-from tests.conftest import TINY_VAE
+from tests.conftest import TINY_VAE, two_processes
 from tests.test_data import write_metadata
 from tests.test_training import fresh_accelerator_state  # noqa: F401 (autouse fixture)
 from train_vae import main
@@ -185,9 +184,7 @@ def test_two_processes_with_accelerate_launch(tmp_path, squares, tiny_vae_json):
     output_dir = str(tmp_path / "ddp")
     # `accelerate launch --cpu --num_processes 2` starts one process; torchrun (--multi_gpu) with
     # ACCELERATE_USE_CPU starts two that find each other over gloo.
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(29500 + os.getpid() % 1000), "train_vae.py",
+    command = [*two_processes(0), "train_vae.py",
                *tiny_run(output_dir, squares, tiny_vae_json, max_train_steps=3, checkpointing_steps=3,
                          validation_steps=2, use_discriminator="true", disc_start=1, disc_layers=2,
                          disc_channels=8, use_ema="true")]
