@@ -20,7 +20,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 
 import torch
 from accelerate.state import AcceleratorState
@@ -30,15 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_unet  # noqa: E402
 from ldm.config import UNetConfig, parse_config  # noqa: E402
-
-
-def matmul_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * size ** 3 * repeats / (time.perf_counter() - start) / 1e9
+from ldm.demo import matmul_gflops  # noqa: E402
 
 
 def unet_step_flops(config: UNetConfig, latent_shape: tuple, tokens: int, hidden: int) -> float:
