@@ -69,6 +69,10 @@ def summary(minutes: dict[str, float], fp32: float, bf16: float) -> str:
 
 
 def main() -> None:
+    # A fresh run: checkpoints left by an earlier one would outrank this run's own under
+    # checkpoints_total_limit, and mix into bench/adherence.py's curve.
+    for folder in (VAE_DIR, UNET_DIR, SAMPLES_DIR):
+        shutil.rmtree(folder, ignore_errors=True)
     fp32, bf16 = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16)
     minutes = {name: run_timed(name, command) for name, command in stages(sys.executable)}
     shutil.copy(os.path.join(SAMPLES_DIR, "grid.png"), "samples/demo.png")
