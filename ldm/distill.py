@@ -25,7 +25,7 @@ from ldm import diffusion
 from ldm.config import ConfigError, DistillConfig, require_divisible
 from ldm.consistency import DDIMSolver, boundary_scalings, clean_and_noise, guidance_embedding, student_from
 from ldm.data import load_splits
-from ldm.hub import HubError, find_model, finish_run
+from ldm.hub import DISTILLATION, HubError, find_model, finish_run
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.text import tokenize
 from ldm.training import (Throughput, apply_gradients, batch_generator, check_finite, finish_training, make_accelerator,
@@ -33,7 +33,6 @@ from ldm.training import (Throughput, apply_gradients, batch_generator, check_fi
 from ldm.unet_training import cached_empty_prompt, posterior, sample_grid, training_data
 
 logger = get_logger(__name__)
-DISTILLATION = "distillation.json"  # beside model_index.json: what the folder is, and how to sample it
 
 
 def distill(config: DistillConfig) -> dict:
@@ -210,15 +209,6 @@ def write_distillation(config: DistillConfig) -> None:
              max(config.validation_inference_steps), "guidance_scale": config.validation_guidance_scale}
     with open(os.path.join(config.output_dir, DISTILLATION), "w") as file:
         json.dump(facts, file, indent=2)
-
-
-def read_distillation(folder: str) -> dict:
-    """The folder's distillation facts, or {} for a model that was not distilled."""
-    path = os.path.join(folder, DISTILLATION)
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as file:
-        return json.load(file)
 
 
 @torch.no_grad()

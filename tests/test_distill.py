@@ -15,7 +15,9 @@ from safetensors.torch import load_file
 
 import distill
 import train_unet
+from ldm import generate
 from ldm.config import ConfigError, DistillConfig, parse_config
+from ldm.hub import model_card
 from ldm.pipeline import LatentDiffusionPipeline
 from tests.conftest import two_processes
 from tests.test_train_unet import argv as unet_argv
@@ -81,6 +83,16 @@ def test_a_two_step_distillation_writes_a_folder_that_three_pipelines_draw_alike
                            generator=torch.Generator().manual_seed(3)).images)
     for other in images[1:]:
         assert np.abs(images[0] - other).max() <= 1e-4
+
+    # generate.py samples it with its own step count and guidance unless told otherwise; tcd runs it too
+    for flags in ([], ["--scheduler", "tcd", "--num_inference_steps", "1"]):
+        assert generate.main(["--model", str(out), "--prompt", "red heart", "--output_dir", str(tmp_path / "s"),
+                              *flags]) == 0
+        drawn = Image.open(next((tmp_path / "s").glob("0000-*.png"))).text
+        expected = ("tcd", "1") if flags else ("lcm", "2")
+        assert (drawn["scheduler"], drawn["num_inference_steps"], drawn["guidance_scale"]) == (*expected, "5.0")
+    card = model_card(str(out), "someone/lcm", True, {})
+    assert "distilled with ldm by latent consistency distillation" in card and "num_inference_steps=2" in card
 
 
 def test_a_resumed_distillation_ends_with_the_same_weights(teacher, tmp_path):
