@@ -62,6 +62,24 @@ def draw(pipeline, captions: list[str], guidance: float, steps: int, resolution:
     return images.float().cpu()
 
 
+class Probe:
+    """The fixed captions of one run's training data, their images, and the run's pipeline."""
+
+    def __init__(self, run: str, count: int = 100, steps: int = 20):
+        self.config = parse_config(UNetConfig, ["--config", os.path.join(run, RUN_CONFIG)])
+        self.references, captions = training_images(self.config)
+        self.chosen = np.linspace(0, len(captions) - 1, count).round().astype(int).tolist()
+        self.prompts = [captions[i] for i in self.chosen]
+        self.steps = steps
+        self.pipeline = LatentDiffusionPipeline.from_pretrained(run)
+        self.pipeline.set_progress_bar_config(disable=True)
+
+    def score(self, guidance: float, pipeline: LatentDiffusionPipeline | None = None, steps: int | None = None) -> float:
+        """Adherence@5 of the run's pipeline, or of another `pipeline` drawing the same images."""
+        images = draw(pipeline or self.pipeline, self.prompts, guidance, steps or self.steps, self.config.resolution)
+        return adherence_at_5(images, self.chosen, self.references)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", default="outputs/unet-demo", help="a train_unet.py output_dir")
@@ -70,28 +88,25 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=100)
     args = parser.parse_args()
 
-    config = parse_config(UNetConfig, ["--config", os.path.join(args.run, RUN_CONFIG)])
-    references, captions = training_images(config)
-    chosen = np.linspace(0, len(captions) - 1, args.count).round().astype(int).tolist()
-    prompts = [captions[i] for i in chosen]
+    probe = Probe(args.run, args.count, args.steps)
+    pipeline = probe.pipeline
     started = os.path.getmtime(os.path.join(args.run, RUN_CONFIG))
-    pipeline = LatentDiffusionPipeline.from_pretrained(args.run)
-    pipeline.set_progress_bar_config(disable=True)
-    final_weights = {k: v.clone() for k, v in pipeline.unet.state_dict().items()}
+    final_weights = [{k: v.clone() for k, v in model.state_dict().items()}
+                     for model in (pipeline.unet, pipeline.text_encoder)]
     stages = [(c, os.path.getmtime(c)) for c in complete_checkpoints(args.run)]
     stages.append((args.run, os.path.getmtime(os.path.join(args.run, "model_index.json"))))
 
-    print(f"adherence@5 over {args.count} training captions, {len(references)} training images, "
-          f"{args.steps} steps, chance {5 / len(references):.2%}\n")
+    print(f"adherence@5 over {args.count} training captions, {len(probe.references)} training images, "
+          f"{args.steps} steps, chance {5 / len(probe.references):.2%}\n")
     print("| weights | training minutes | " + " | ".join(f"guidance {g:g}" for g in args.guidance) + " |")
     print("|---|---|" + "---|" * len(args.guidance))
     for folder, finished in stages:
-        if folder == args.run:
-            pipeline.unet.load_state_dict(final_weights)
+        if folder == args.run:  # a checkpoint may have replaced the text encoder too
+            pipeline.unet.load_state_dict(final_weights[0])
+            pipeline.text_encoder.load_state_dict(final_weights[1])
         else:
             with_checkpoint_weights(pipeline, folder)
-        scores = [adherence_at_5(draw(pipeline, prompts, g, args.steps, config.resolution), chosen, references)
-                  for g in args.guidance]
+        scores = [probe.score(g) for g in args.guidance]
         print(f"| {os.path.basename(os.path.normpath(folder))} | {(finished - started) / 60:.1f} | "
               + " | ".join(f"{s:.0%}" for s in scores) + " |", flush=True)
 

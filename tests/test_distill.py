@@ -3,13 +3,14 @@ subprocesses."""
 
 import json
 import os
+import shutil
 import subprocess
 
 import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from diffusers import LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -17,6 +18,7 @@ import distill
 import train_unet
 from ldm import generate
 from ldm.config import ConfigError, DistillConfig, parse_config
+from ldm.distill import trailing_timesteps, two_step_target
 from ldm.hub import model_card
 from ldm.pipeline import LatentDiffusionPipeline
 from tests.conftest import two_processes
@@ -48,6 +50,7 @@ def argv(teacher, output_dir, *extra):
             "--max_train_samples", "20", "--train_batch_size", "8", "--report_to", "none",
             "--num_ddim_timesteps", "10", "--guidance_embedding_dim", "16", "--learning_rate", "1e-3",
             "--validation_prompts", "red heart", "cat face", "--validation_inference_steps", "1", "2",
+            "--num_inference_steps", "2",
             "--lr_scheduler", "constant", *extra]
 
 
@@ -95,22 +98,45 @@ def test_a_two_step_distillation_writes_a_folder_that_three_pipelines_draw_alike
     assert "distilled with ldm by latent consistency distillation" in card and "num_inference_steps=2" in card
 
 
-def test_a_resumed_distillation_ends_with_the_same_weights(teacher, tmp_path):
-    """Stopped after its checkpoint at step 2 and resumed to 4 (into the second epoch of 3 steps), it
-    ends where an uninterrupted run does: student, target (the saved UNet), optimizer, data order."""
-    common = ["--checkpointing_steps", "2", "--validation_steps", "100"]
-    distill.main(argv(teacher, tmp_path / "straight", "--max_train_steps", "4", *common))
+def test_a_two_stage_progressive_distillation_samples_with_ddim_in_its_own_steps(teacher, tmp_path):
+    """8 -> 4 -> 2 DDIM steps, one optimizer step per stage; the student predicts v and takes guidance as input."""
+    out = tmp_path / "progressive"
+    distill.main(argv(teacher, out, "--method", "progressive", "--teacher_steps", "8", "--max_train_steps", "2",
+                      "--validation_steps", "1"))
+    scheduler = DDIMScheduler.from_pretrained(out / "scheduler")
+    assert (scheduler.config.prediction_type, scheduler.config.timestep_spacing) == ("v_prediction", "trailing")
+    assert json.loads((out / "distillation.json").read_text())["num_inference_steps"] == 2
+    # stage 1 validated the 4-step student, the end the 2-step one: one row each
+    assert Image.open(out / "validation" / "step-000001.png").size == (2 * 16, 16)
+    ours = LatentDiffusionPipeline.from_pretrained(out)
+    theirs = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, feature_extractor=None,
+                                                     requires_safety_checker=False)
+    images = []
+    for pipe in (ours, theirs):
+        pipe.set_progress_bar_config(disable=True)
+        images.append(pipe(["red heart", "cat face"], num_inference_steps=2, guidance_scale=5.0, output_type="np",
+                           generator=torch.Generator().manual_seed(3)).images)
+        assert pipe.scheduler.timesteps.tolist() == [999, 499]
+    assert np.abs(images[0] - images[1]).max() <= 1e-4
+
+
+@pytest.mark.parametrize("method", ["lcm", "progressive"])
+def test_a_run_resumed_from_a_checkpoint_ends_with_the_same_weights(teacher, tmp_path, method):
+    """A run killed after its checkpoint at step 2 leaves that checkpoint: resumed from a copy of it to
+    step 4 (into the second epoch of 3 steps), it ends where the uninterrupted run does. That takes the
+    student, optimizer, data order, and the method's state: the LCM target (the saved UNet), or the
+    progressive stage teacher, taken over from the student at step 2."""
+    common = ["--checkpointing_steps", "2", "--validation_steps", "100", "--method", method, "--teacher_steps", "8",
+              "--max_train_steps", "4"]
+    distill.main(argv(teacher, tmp_path / "straight", *common))
     AcceleratorState._reset_state(reset_partial_state=True)
-    distill.main(argv(teacher, tmp_path / "resumed", "--max_train_steps", "2", *common))
-    AcceleratorState._reset_state(reset_partial_state=True)
-    distill.main(argv(teacher, tmp_path / "resumed", "--max_train_steps", "4", "--resume_from_checkpoint", "latest",
-                      *common))
+    shutil.copytree(tmp_path / "straight" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    distill.main(argv(teacher, tmp_path / "resumed", "--resume_from_checkpoint", "latest", *common))
     straight, resumed = unet_weights(tmp_path / "straight"), unet_weights(tmp_path / "resumed")
-    assert all(torch.equal(straight[name], resumed[name]) for name in straight)  # the targets
-    student = {run: load_file(tmp_path / run / "checkpoint-4" / "model.safetensors") for run in ("straight", "resumed")}
-    assert all(torch.equal(student["straight"][name], student["resumed"][name]) for name in student["straight"])
-    at_two = load_file(tmp_path / "resumed" / "checkpoint-2" / "model.safetensors")
-    assert not all(torch.equal(at_two[name], student["resumed"][name]) for name in at_two)
+    assert all(torch.equal(straight[name], resumed[name]) for name in straight)
+    checkpoints = {step: load_file(tmp_path / "straight" / f"checkpoint-{step}" / "model.safetensors")
+                   for step in (2, 4)}
+    assert not all(torch.equal(checkpoints[2][name], checkpoints[4][name]) for name in checkpoints[2])
 
 
 def test_two_process_distillation(teacher, tmp_path):
@@ -133,6 +159,32 @@ def test_a_teacher_that_is_not_a_pipeline_fails_before_any_work(parts, tmp_path)
 
 
 def test_too_few_ddim_timesteps_for_the_requested_steps_fail_at_parse(teacher, tmp_path):
-    with pytest.raises(ConfigError, match="num_ddim_timesteps = 4 is invalid; expected at least the largest"):
+    with pytest.raises(ConfigError, match="num_ddim_timesteps = 4 is invalid; expected at least the largest step count"):
         parse_config(DistillConfig, argv(teacher, tmp_path / "lcm", "--num_ddim_timesteps", "4",
                                          "--validation_inference_steps", "1", "8"))
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 8, 32])
+def test_progressive_grids_are_ddim_schedulers_trailing_timesteps(steps):
+    ddim = DDIMScheduler(timestep_spacing="trailing")
+    ddim.set_timesteps(steps)
+    assert trailing_timesteps(steps, 1000).tolist() == ddim.timesteps.tolist()
+
+
+def test_the_two_step_target_is_the_clean_image_when_the_teacher_knows_it():
+    """A teacher that predicts the true x₀ moves along one DDIM line: two steps t → t' → t'' land where
+    one step from x̃ = x₀ lands, so the target is x₀; with t'' below 0 (ᾱ = 1) it is z_t'' itself."""
+    schedule = DDIMScheduler().alphas_cumprod
+    torch.manual_seed(0)
+    clean, noisy = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    start, middle, end = torch.tensor([999, 600, 300]), torch.tensor([870, 450, 150]), torch.tensor([749, 300, 0])
+
+    def ddim(z, t_from, t_to):
+        a_from, a_to = schedule[t_from].view(-1, 1, 1, 1), schedule[t_to].view(-1, 1, 1, 1)
+        noise = (z - a_from.sqrt() * clean) / (1 - a_from).sqrt()
+        return a_to.sqrt() * clean + (1 - a_to).sqrt() * noise
+
+    landed = ddim(ddim(noisy, start, middle), middle, end)
+    torch.testing.assert_close(two_step_target(noisy, landed, schedule[start], schedule[end]), clean,
+                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(two_step_target(noisy, landed, schedule[start], torch.ones(3)), landed)
