@@ -188,3 +188,11 @@ def test_the_two_step_target_is_the_clean_image_when_the_teacher_knows_it():
     torch.testing.assert_close(two_step_target(noisy, landed, schedule[start], schedule[end]), clean,
                                rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(two_step_target(noisy, landed, schedule[start], torch.ones(3)), landed)
+
+
+def test_the_demo_config_parses_for_both_methods():
+    for method in ("lcm", "progressive"):
+        config = parse_config(DistillConfig, ["--config", os.path.join(ROOT, "configs/distill/demo.yaml"),
+                                              "--method", method])
+        assert config.num_ddim_timesteps >= 25 and config.num_inference_steps == 4
+        assert config.min_guidance <= config.validation_guidance_scale <= config.max_guidance
