@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test test-slow install clean
+.PHONY: demo distill-demo test test-slow install clean
 
 install: $(INSTALLED)
 
@@ -29,6 +29,14 @@ test-slow: $(INSTALLED)
 # prints each stage's command as it runs it, and ends with a table of the minutes each took.
 demo: $(INSTALLED)
 	$(PY) -m ldm.demo
+
+# The `make demo` model distilled into a 4-step student (latent consistency distillation), and the
+# student's grid for the demo prompts at its own step count and guidance (samples/lcm-demo.png).
+distill-demo: $(INSTALLED)
+	$(PY) distill.py --config configs/distill/demo.yaml
+	$(PY) generate.py --model outputs/lcm-demo --prompts_file configs/demo_prompts.txt --output_dir samples/lcm-demo
+	cp samples/lcm-demo/grid.png samples/lcm-demo.png
+	@echo "wrote samples/lcm-demo.png"
 
 clean:
 	rm -rf $(VENV) outputs samples

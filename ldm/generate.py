@@ -22,12 +22,13 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from transformers import HfArgumentParser
 
-from ldm.hub import HubError, find_model, is_hub_id, named_revision
+from ldm.hub import HubError, find_model, is_hub_id, named_revision, read_distillation
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.schedulers import resolve_scheduler, scheduler_name
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_STEPS, DEFAULT_GUIDANCE = 30, 7.5
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -38,11 +39,14 @@ class GenerateConfig:
         "help": "Prompt(s) to draw; repeat the flag for several.", "action": "extend"})
     prompts_file: str | None = field(default=None, metadata={"help": "A text file with one prompt per line."})
     negative_prompt: str | None = field(default=None, metadata={"help": "What the images should not show."})
-    num_inference_steps: int = field(default=30, metadata={"help": "Denoising steps."})
-    guidance_scale: float = field(default=7.5, metadata={
-        "help": "Classifier-free guidance weight; 1 or less turns guidance off."})
+    num_inference_steps: int | None = field(default=None, metadata={
+        "help": f"Denoising steps. Default: {DEFAULT_STEPS}, or a distilled model's own count."})
+    guidance_scale: float | None = field(default=None, metadata={
+        "help": f"Classifier-free guidance weight; 1 or less turns guidance off. Default: {DEFAULT_GUIDANCE}, "
+                "or a distilled model's own."})
     scheduler: str | None = field(default=None, metadata={
-        "help": "Sampler: ddpm, ddim, pndm, lms, euler, euler_a, heun, dpm++2m, dpm++2m_karras, unipc, or a "
+        "help": "Sampler: ddpm, ddim, pndm, lms, euler, euler_a, heun, dpm++2m, dpm++2m_karras, unipc, lcm, tcd "
+                "(for a distilled model), or a "
                 "diffusers scheduler class name. Default: the one saved with the model."})
     seed: int = field(default=0, metadata={"help": "Image i of the run uses seed + i."})
     num_images_per_prompt: int = field(default=1, metadata={"help": "Images drawn for each prompt."})
@@ -80,7 +84,7 @@ def read_prompts(config: GenerateConfig) -> list[str]:
 
 def check_config(config: GenerateConfig) -> None:
     """The checks that need no model: fail in milliseconds, not after loading one."""
-    if config.num_inference_steps < 1:
+    if config.num_inference_steps is not None and config.num_inference_steps < 1:
         raise ValueError(f"--num_inference_steps must be at least 1, got {config.num_inference_steps}")
     if config.num_images_per_prompt < 1:
         raise ValueError(f"--num_images_per_prompt must be at least 1, got {config.num_images_per_prompt}")
@@ -151,6 +155,10 @@ def prepare(config: GenerateConfig) -> tuple[LatentDiffusionPipeline, list[str]]
     prompts = read_prompts(config)
     device = resolve_device(config.device)
     pipe = load_pipeline(config.model, config.revision, DTYPES[config.dtype])
+    distilled = read_distillation(config.model, config.revision)
+    config.num_inference_steps = config.num_inference_steps or distilled.get("num_inference_steps", DEFAULT_STEPS)
+    if config.guidance_scale is None:
+        config.guidance_scale = distilled.get("guidance_scale", DEFAULT_GUIDANCE)
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
     config.height, config.width = config.height or native, config.width or native
     check_size(pipe, config.height, config.width)

@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 PIPELINE_INDEX = "model_index.json"  # at the root of a diffusers pipeline
 MODEL_CONFIG = "config.json"  # at the root of a single diffusers or transformers model
 METRICS = "metrics.json"
+DISTILLATION = "distillation.json"  # a distilled pipeline's method, teacher and sampling defaults (ldm/distill.py)
 # Training state that a model repository does not need: checkpoints hold optimizer and RNG states for
 # resuming, and folders with these suffixes are checkpoints being written or replaced.
 NOT_PUSHED = ("checkpoint-*", "*.partial", "*.replaced")
@@ -90,6 +91,16 @@ def find_model(name_or_path: str, revision: str | None = None) -> ModelFiles:
                            if filename == PIPELINE_INDEX and isinstance(value, list) and len(value) == 2)
         return ModelFiles(filename == PIPELINE_INDEX, class_name or "model of unknown class", components)
     raise explain(name_or_path, named_revision(revision), missing)
+
+
+def read_distillation(name_or_path: str, revision: str | None = None) -> dict:
+    """A distilled pipeline's facts (local folder or Hub): method, teacher, num_inference_steps,
+    guidance_scale; {} for a model that was not distilled."""
+    try:
+        with open(fetch(name_or_path, DISTILLATION, revision)) as file:
+            return json.load(file)
+    except (FileNotFoundError, HfHubHTTPError):
+        return {}
 
 
 def named_revision(revision: str | None) -> str:
@@ -240,7 +251,7 @@ def model_card(folder: str, repo_id: str, is_pipeline: bool, settings: dict, lic
     data = ModelCardData(library_name="diffusers", pipeline_tag="text-to-image" if is_pipeline else None,
                          license=license, datasets=[dataset] if dataset else None,
                          tags=["latent-diffusion"] + (["text-to-image"] if is_pipeline else ["autoencoder", "vae"]))
-    sections = [f"# {repo_id}", describe(repo_id, is_pipeline)]
+    sections = [f"# {repo_id}", describe(repo_id, is_pipeline, read_distillation(folder))]
     samples = sample_grid(folder)
     if samples:
         caption = "Samples for the validation prompts" if is_pipeline else "Held-out images (top) and reconstructions"
@@ -261,7 +272,17 @@ def model_card(folder: str, repo_id: str, is_pipeline: bool, settings: dict, lic
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n"))
 
 
-def describe(repo_id: str, is_pipeline: bool) -> str:
+def describe(repo_id: str, is_pipeline: bool, distilled: dict) -> str:
+    if distilled:
+        steps, guidance = distilled["num_inference_steps"], distilled["guidance_scale"]
+        return (f"A {steps}-step text-to-image latent diffusion pipeline, distilled with ldm by latent consistency "
+                f"distillation (`{distilled['method']}`) from the pipeline `{distilled['teacher']}`. Its UNet takes "
+                "the guidance scale as an input (`time_cond_proj_dim`), so each step is one UNet pass; its "
+                "scheduler is an LCMScheduler.\n\n```python\n"
+                "from diffusers import LatentConsistencyModelPipeline  # or StableDiffusionPipeline\n\n"
+                f'pipe = LatentConsistencyModelPipeline.from_pretrained("{repo_id}", safety_checker=None)\n'
+                f'image = pipe("red heart", num_inference_steps={steps}, guidance_scale={guidance}).images[0]\n'
+                f'```\n\nor `python generate.py --model {repo_id} --prompt "red heart"` ({steps} steps by default).')
     if is_pipeline:
         return ("A text-to-image latent diffusion pipeline (CLIP text encoder, UNet2DConditionModel, AutoencoderKL) "
                 "in the diffusers layout, trained with ldm.\n\n```python\n"

@@ -24,6 +24,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from ldm.consistency import guidance_embedding
 from ldm.schedulers import make_scheduler
 from ldm.text import tokenize
 
@@ -188,19 +189,21 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         return {key: value for key, value in (("eta", eta), ("generator", generator)) if key in accepted}
 
     def predict_noise(self, unet: UNet2DConditionModel, latents: torch.Tensor, t, embeddings: torch.Tensor,
-                      guidance_scale: float, guidance_rescale: float) -> torch.Tensor:
+                      guidance_scale: float, guidance_rescale: float,
+                      timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
         """The UNet's guided prediction, in the latents' dtype.
 
         With classifier-free guidance (https://arxiv.org/abs/2207.12598) `embeddings` holds the
         unconditional rows, then the conditional ones, and both passes run as one batched UNet call.
         `embeddings` come in the UNet's dtype; reading it from there rather than from `unet.dtype`
-        saves a walk over the UNet's modules at every step.
+        saves a walk over the UNet's modules at every step. A distilled UNet takes its guidance as
+        `timestep_cond` instead, in one pass.
         """
         guided = embeddings.shape[0] == 2 * latents.shape[0]
         model_input = torch.cat([latents, latents]) if guided else latents
         model_input = self.scheduler.scale_model_input(model_input, t)
         prediction = unet(model_input.to(embeddings.dtype), t, encoder_hidden_states=embeddings,
-                          return_dict=False)[0].to(latents.dtype)
+                          timestep_cond=timestep_cond, return_dict=False)[0].to(latents.dtype)
         if not guided:
             return prediction
         unconditional, conditional = prediction.chunk(2)
@@ -261,7 +264,8 @@ class LatentDiffusionPipeline(DiffusionPipeline):
     ):
         """Generate images for `prompt`.
 
-        guidance_scale: classifier-free guidance weight w; 1 or less skips the unconditional pass.
+        guidance_scale: classifier-free guidance weight w; 1 or less skips the unconditional pass. A
+            distilled UNet (one with `time_cond_proj_dim`) takes w as an input and runs once per step.
         guidance_rescale: φ of "Common Diffusion Noise Schedules and Sample Steps are Flawed"
             (https://arxiv.org/abs/2305.08891, §3.4); counters over-exposure at high w.
         height, width: pixels, multiples of the VAE factor; default: the UNet's sample size × factor.
@@ -280,11 +284,12 @@ class LatentDiffusionPipeline(DiffusionPipeline):
                           num_inference_steps, num_images_per_prompt, guidance_rescale, generator, output_type,
                           callback_on_step_end_tensor_inputs)
 
-        # 2. Encode the prompt (and the negative prompt when guiding).
+        # 2. Encode the prompt (and the negative prompt when guiding with a second pass).
         device = self._execution_device  # looked up once: it walks every module of every component
+        guidance_input = self.unet.config.time_cond_proj_dim  # a distilled UNet's: guidance without a second pass
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt,
-            do_guidance=guidance_scale > 1.0, device=device)
+            do_guidance=guidance_scale > 1.0 and guidance_input is None, device=device)
 
         # 3. Timesteps.
         self.scheduler.set_timesteps(num_inference_steps, device=device)
@@ -300,9 +305,12 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         embeddings = prompt_embeds if negative_prompt_embeds is None else torch.cat(
             [negative_prompt_embeds, prompt_embeds])
         embeddings = embeddings.to(unet.dtype)
+        timestep_cond = None if guidance_input is None else guidance_embedding(
+            torch.full((latents.shape[0],), guidance_scale), guidance_input).to(device, unet.dtype)
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
-                noise_pred = self.predict_noise(unet, latents, t, embeddings, guidance_scale, guidance_rescale)
+                noise_pred = self.predict_noise(unet, latents, t, embeddings, guidance_scale, guidance_rescale,
+                                                timestep_cond)
                 latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
                 if callback_on_step_end is not None:
                     tensors = dict(latents=latents, prompt_embeds=prompt_embeds,

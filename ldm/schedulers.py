@@ -15,8 +15,10 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    LCMScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
+    TCDScheduler,
     UniPCMultistepScheduler,
 )
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
@@ -35,6 +37,9 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
     "dpm++2m": (DPMSolverMultistepScheduler, _DPMPP_2M),
     "dpm++2m_karras": (DPMSolverMultistepScheduler, dict(_DPMPP_2M, use_karras_sigmas=True)),
     "unipc": (UniPCMultistepScheduler, {}),
+    # for a consistency-distilled UNet (ldm/distill.py): a few steps, guidance as its input
+    "lcm": (LCMScheduler, {}),
+    "tcd": (TCDScheduler, {}),
 }
 
 # The class names diffusers itself declares interchangeable for an epsilon/v-prediction UNet

@@ -86,11 +86,14 @@ def make_optimizer(parameters, config: TrainConfig, accelerator: Accelerator, le
     return optimizer, scheduler
 
 
-def make_ema(model: torch.nn.Module, config: TrainConfig, accelerator: Accelerator) -> EMAModel | None:
-    """An exponential moving average of `model`'s weights, saved and restored with every checkpoint."""
+def make_ema(model: torch.nn.Module, config: TrainConfig, accelerator: Accelerator,
+             constant: bool = False) -> EMAModel | None:
+    """An exponential moving average of `model`'s weights, saved and restored with every checkpoint.
+    Its decay warms up to `ema_decay` over the first steps, unless `constant`."""
     if not config.use_ema:
         return None
-    ema = EMAModel(model.parameters(), decay=config.ema_decay, model_cls=type(model), model_config=model.config)
+    ema = EMAModel(model.parameters(), decay=config.ema_decay, min_decay=config.ema_decay if constant else 0.0,
+                   model_cls=type(model), model_config=model.config)
     ema.to(accelerator.device)
     accelerator.register_for_checkpointing(ema)
     return ema

@@ -372,11 +372,12 @@ def export_pipeline(accelerator, vae, tokenizer, text_encoder, unet, ema, noise_
 
 
 @torch.no_grad()
-def sample_grid(pipeline: LatentDiffusionPipeline, config: UNetConfig, device) -> np.ndarray:
-    """One image per validation prompt, side by side (HWC uint8), from a fixed seed."""
+def sample_grid(pipeline: LatentDiffusionPipeline, config, device, steps: int | None = None) -> np.ndarray:
+    """One image per validation prompt, side by side (HWC uint8), from a fixed seed, in `steps`
+    (default: the config's validation_inference_steps)."""
     pipeline.set_progress_bar_config(disable=True)
     generator = torch.Generator(device).manual_seed(config.seed)
-    images = pipeline(config.validation_prompts, num_inference_steps=config.validation_inference_steps,
+    images = pipeline(config.validation_prompts, num_inference_steps=steps or config.validation_inference_steps,
                       guidance_scale=config.validation_guidance_scale, height=config.resolution,
                       width=config.resolution, generator=generator, output_type="np").images
     return (np.concatenate(list(images), axis=1) * 255).round().astype(np.uint8)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -107,3 +108,17 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory, tiny_tokenizer):
+    """A saved tiny VAE (with a measured-looking scale), tiny UNet / text encoder config files, and
+    a saved tiny CLIP (tokenizer + text encoder in one folder, like a Hub CLIP checkpoint)."""
+    folder = tmp_path_factory.mktemp("parts")
+    torch.manual_seed(0)
+    tiny_tokenizer.save_pretrained(folder / "clip")
+    CLIPTextModel(text_encoder_config(tiny_tokenizer, **TINY_TEXT_ENCODER)).save_pretrained(folder / "clip")
+    AutoencoderKL.from_config({**TINY_VAE, "scaling_factor": 0.8}).save_pretrained(folder / "vae")
+    (folder / "unet.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel", **TINY_UNET}))
+    (folder / "text_encoder.json").write_text(json.dumps(TINY_TEXT_ENCODER))
+    return folder

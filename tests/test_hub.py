@@ -35,7 +35,7 @@ from tests.conftest import TINY_TEXT_ENCODER, TINY_UNET, TINY_VAE
 from tests.hub_client import draw
 from tests.hub_server import Olah, UploadService, commit, free_port, git, publish_folder, repo_folder
 from tests.test_train_unet import argv as unet_argv
-from tests.test_train_unet import fresh_accelerator_state, parts  # noqa: F401 (fixtures)
+from tests.test_train_unet import fresh_accelerator_state  # noqa: F401 (a fixture)
 from tests.test_train_vae import squares, tiny_run, tiny_vae_json  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -4,9 +4,10 @@ import logging
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline
 from PIL import Image
 
+from ldm.consistency import student_from
 from ldm.pipeline import LatentDiffusionPipeline, rescale_guidance
 from ldm.schedulers import SCHEDULERS, make_scheduler
 
@@ -58,6 +59,28 @@ def test_same_images_as_stable_diffusion_pipeline(name, tiny_components, tiny_sc
     b = theirs(**args, generator=torch.Generator().manual_seed(7)).images
     assert a.shape == (4, 16, 16, 3)
     assert np.abs(a - b).max() <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["lcm", "tcd"])
+def test_a_unet_with_a_guidance_input_draws_as_in_diffusers_pipelines(name, tiny_components, tiny_scheduler):
+    """A distilled UNet (time_cond_proj_dim) gets the guidance as `timestep_cond` and one pass per step."""
+    student = student_from(tiny_components["unet"], embedding_dim=16)
+    torch.nn.init.normal_(student.time_embedding.cond_proj.weight)  # a trained one: guidance changes the image
+    components = dict(tiny_components, unet=student)
+    ours, theirs = both_pipelines(components, sd_v1_config(tiny_scheduler), name)
+    args = dict(prompt=PROMPTS, num_images_per_prompt=2, num_inference_steps=4, output_type="np")
+    pipelines = [ours, theirs]
+    if name == "lcm":
+        pipelines.append(LatentConsistencyModelPipeline(
+            **dict(components, scheduler=make_scheduler(name, sd_v1_config(tiny_scheduler))),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False))
+        pipelines[-1].set_progress_bar_config(disable=True)
+    images = [pipe(**args, guidance_scale=5.0, generator=torch.Generator().manual_seed(7)).images
+              for pipe in pipelines]
+    for other in images[1:]:
+        assert np.abs(images[0] - other).max() <= 1e-4
+    other_guidance = ours(**args, guidance_scale=2.0, generator=torch.Generator().manual_seed(7)).images
+    assert np.abs(images[0] - other_guidance).max() > 1e-3
 
 
 @pytest.mark.parametrize("args", [

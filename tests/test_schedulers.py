@@ -7,8 +7,10 @@ from diffusers import (
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
     KDPM2DiscreteScheduler,
+    LCMScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
+    TCDScheduler,
     UniPCMultistepScheduler,
 )
 
@@ -18,7 +20,7 @@ EXPECTED = {
     "ddpm": DDPMScheduler, "ddim": DDIMScheduler, "pndm": PNDMScheduler, "lms": LMSDiscreteScheduler,
     "euler": EulerDiscreteScheduler, "euler_a": EulerAncestralDiscreteScheduler, "heun": HeunDiscreteScheduler,
     "dpm++2m": DPMSolverMultistepScheduler, "dpm++2m_karras": DPMSolverMultistepScheduler,
-    "unipc": UniPCMultistepScheduler,
+    "unipc": UniPCMultistepScheduler, "lcm": LCMScheduler, "tcd": TCDScheduler,
 }
 
 

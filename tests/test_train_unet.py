@@ -10,17 +10,16 @@ import torch
 from accelerate.state import AcceleratorState
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
-from transformers import CLIPTextModel
 
 import train_unet
 from ldm.config import ConfigError, UNetConfig, parse_config
 from ldm.data import load_splits
 from ldm.diffusion import noise_scheduler
 from ldm.pipeline import LatentDiffusionPipeline
-from ldm.text import load_text_components, text_encoder_config
+from ldm.text import load_text_components
 from ldm.training import NonFiniteLossError, make_accelerator
 from ldm.unet_training import load_frozen_vae, training_data
-from tests.conftest import TINY_TEXT_ENCODER, TINY_UNET, TINY_VAE, two_processes
+from tests.conftest import TINY_UNET, TINY_VAE, two_processes
 from tests.test_streaming import write_parquet_shards
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -32,20 +31,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def fresh_accelerator_state():
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
-
-
-@pytest.fixture(scope="module")
-def parts(tmp_path_factory, tiny_tokenizer):
-    """A saved tiny VAE (with a measured-looking scale), tiny UNet / text encoder config files, and
-    a saved tiny CLIP (tokenizer + text encoder in one folder, like a Hub CLIP checkpoint)."""
-    folder = tmp_path_factory.mktemp("parts")
-    torch.manual_seed(0)
-    tiny_tokenizer.save_pretrained(folder / "clip")
-    CLIPTextModel(text_encoder_config(tiny_tokenizer, **TINY_TEXT_ENCODER)).save_pretrained(folder / "clip")
-    AutoencoderKL.from_config({**TINY_VAE, "scaling_factor": 0.8}).save_pretrained(folder / "vae")
-    (folder / "unet.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel", **TINY_UNET}))
-    (folder / "text_encoder.json").write_text(json.dumps(TINY_TEXT_ENCODER))
-    return folder
 
 
 def argv(parts, output_dir, *extra):
