@@ -31,7 +31,8 @@ from ldm.hub import DISTILLATION, HubError, find_model, finish_run
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.text import tokenize
 from ldm.training import (Throughput, apply_gradients, batch_generator, check_finite, finish_training, make_accelerator,
-                          make_ema, make_optimizer, save_checkpoint, save_run_config, save_validation_grid)
+                          make_ema, make_optimizer, report_step, save_checkpoint, save_run_config,
+                          save_validation_grid)
 from ldm.unet_training import cached_empty_prompt, posterior, sample_grid, training_data
 
 logger = get_logger(__name__)
@@ -88,11 +89,7 @@ def distill(config: DistillConfig) -> dict:
         global_step += 1
         method.stepped(accelerator.unwrap_model(student), global_step)
         meter.update(seen)
-        logs = {"train/loss": running / micro_batches, "train/learning_rate": lr_scheduler.get_last_lr()[0],
-                "train/images_per_second": meter.rate}
-        accelerator.log(logs, step=global_step)
-        progress.update(1)
-        progress.set_postfix(loss=f"{logs['train/loss']:.5f}", img_s=f"{meter.rate:.0f}")
+        report_step(accelerator, progress, meter, running / micro_batches, lr_scheduler.get_last_lr()[0], global_step)
         running, micro_batches, seen = 0.0, 0, 0
 
         if global_step % config.checkpointing_steps == 0:

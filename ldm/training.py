@@ -179,6 +179,15 @@ class Throughput:
         return (last - first) / (end - start) if end > start else 0.0
 
 
+def report_step(accelerator: Accelerator, progress, meter: Throughput, loss: float, learning_rate: float,
+                step: int) -> None:
+    """A finished optimizer step to the trackers (loss, learning rate, images/s) and the progress bar."""
+    accelerator.log({"train/loss": loss, "train/learning_rate": learning_rate,
+                     "train/images_per_second": meter.rate}, step=step)
+    progress.update(1)
+    progress.set_postfix(loss=f"{loss:.4g}", img_s=f"{meter.rate:.0f}")
+
+
 def save_validation_grid(grid, output_dir: str, accelerator: Accelerator, step: int, tag: str) -> str:
     """A validation image grid (HWC uint8) as `output_dir/validation/step-<step>.png`, and in TensorBoard."""
     folder = os.path.join(output_dir, "validation")

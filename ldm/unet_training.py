@@ -35,8 +35,8 @@ from ldm.text import build_text_encoder, load_text_components, tokenize, train_t
 from ldm.streaming import StreamBatches, load_stream_state, open_stream, save_stream_state
 from ldm.timesteps import ImportanceTimesteps, mass_by_bin, timestep_sampler
 from ldm.training import (Throughput, apply_gradients, batch_generator, check_finite, find_checkpoint, load_checkpoint,
-                          make_accelerator, make_ema, make_optimizer, resume_state, resumed_batches, save_checkpoint,
-                          save_run_config, save_validation_grid, finish_training, unreadable_rows)
+                          make_accelerator, make_ema, make_optimizer, report_step, resume_state, resumed_batches,
+                          save_checkpoint, save_run_config, save_validation_grid, finish_training, unreadable_rows)
 
 logger = get_logger(__name__)
 UNREADABLE_BATCHES = 100  # in a row, before the run stops instead of skipping on forever
@@ -137,11 +137,7 @@ def train(config: UNetConfig) -> dict:
         if ema is not None:
             ema.step(accelerator.unwrap_model(unet).parameters())
         meter.update(seen)
-        logs = {"train/loss": running / micro_batches, "train/learning_rate": lr_scheduler.get_last_lr()[0],
-                "train/images_per_second": meter.rate}
-        accelerator.log(logs, step=global_step)
-        progress.update(1)
-        progress.set_postfix(loss=f"{logs['train/loss']:.4f}", img_s=f"{meter.rate:.0f}")
+        report_step(accelerator, progress, meter, running / micro_batches, lr_scheduler.get_last_lr()[0], global_step)
         running, micro_batches, seen = 0.0, 0, 0
 
         if global_step % config.checkpointing_steps == 0:

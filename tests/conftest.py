@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 
 # Nothing in the suite may reach a hub; set before any Hugging Face import.
@@ -16,6 +17,14 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel
 
 from ldm.text import text_encoder_config, train_tokenizer
+
+def run_in_two_processes(port_offset: int, script: str, *args: str) -> subprocess.CompletedProcess:
+    """Run a trainer script from the repository root in two CPU processes, offline, one thread each."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([*two_processes(port_offset), script, *args], cwd=root, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1",
+                                            "OMP_NUM_THREADS": "1"})
+
 
 def two_processes(port_offset: int) -> list[str]:
     """The command that starts a script in two CPU processes over gloo, with ACCELERATE_USE_CPU=true

@@ -19,7 +19,7 @@ from ldm.pipeline import LatentDiffusionPipeline
 from ldm.text import load_text_components
 from ldm.training import NonFiniteLossError, make_accelerator
 from ldm.unet_training import load_frozen_vae, training_data
-from tests.conftest import TINY_UNET, TINY_VAE, two_processes
+from tests.conftest import TINY_UNET, TINY_VAE, run_in_two_processes
 from tests.test_streaming import write_parquet_shards
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -169,11 +169,8 @@ def test_two_process_launch(parts, tmp_path, openmoji_32):
     """torchrun (--multi_gpu) with ACCELERATE_USE_CPU starts two CPU processes over gloo;
     `accelerate launch --cpu --num_processes 2` would quietly start one."""
     out = tmp_path / "run"
-    launched = subprocess.run(
-        [*two_processes(7), "train_unet.py",
-         *argv(parts, out, "--max_train_steps", "2", "--validation_steps", "100", "--checkpointing_steps", "1")],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    launched = run_in_two_processes(7, "train_unet.py", *argv(parts, out, "--max_train_steps", "2",
+                                                             "--validation_steps", "100", "--checkpointing_steps", "1"))
     assert launched.returncode == 0, launched.stderr[-3000:]
     # each process saved its own RNG state and data position into the checkpoint
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(os.listdir(out / "checkpoint-2"))
@@ -224,10 +221,7 @@ def test_two_process_streaming_run_resumes_where_it_stopped(parts, tmp_path, ope
         flags = argv(parts, output_dir, *common, *extra)
         at = flags.index("--max_train_samples")  # a stream is read whole
         del flags[at:at + 2]
-        done = subprocess.run(
-            [*two_processes(len(extra) * 13), "train_unet.py", *flags],
-            cwd=ROOT, capture_output=True, text=True, timeout=300,
-            env={**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+        done = run_in_two_processes(len(extra) * 13, "train_unet.py", *flags)
         assert done.returncode == 0, done.stderr[-3000:]
 
     launch(tmp_path / "straight", "--max_train_steps", "7")
