@@ -95,9 +95,12 @@ class DDIMSolver:
 
     def step(self, clean: torch.Tensor, noise: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
         """x at the `previous` timesteps from the predicted x̂₀ and ε̂ (DDIM with eta 0)."""
-        alpha_cumprod = self.alpha_cumprod(previous)
-        return (_per_sample(alpha_cumprod.sqrt(), clean) * clean
-                + _per_sample((1 - alpha_cumprod).sqrt(), clean) * noise)
+        return ddim_step(clean, noise, self.alpha_cumprod(previous))
+
+
+def ddim_step(clean: torch.Tensor, noise: torch.Tensor, alpha_cumprod: torch.Tensor) -> torch.Tensor:
+    """The deterministic DDIM update: x at the timestep whose ᾱ is `alpha_cumprod`, from x̂₀ and ε̂."""
+    return _per_sample(alpha_cumprod.sqrt(), clean) * clean + _per_sample((1 - alpha_cumprod).sqrt(), clean) * noise
 
 
 def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

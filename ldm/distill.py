@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 
 from ldm import diffusion
 from ldm.config import ConfigError, DistillConfig, require_divisible
-from ldm.consistency import DDIMSolver, boundary_scalings, clean_and_noise, guidance_embedding, student_from
+from ldm.consistency import (DDIMSolver, boundary_scalings, clean_and_noise, ddim_step, guidance_embedding,
+                             student_from)
 from ldm.data import load_splits
 from ldm.hub import DISTILLATION, HubError, find_model, finish_run
 from ldm.pipeline import LatentDiffusionPipeline
@@ -140,7 +141,7 @@ class ConsistencyDistillation:
         noise = torch.randn(latents.shape, generator=generator, device=device)
         noisy = self.noise_schedule.add_noise(latents, noise, start)
         scales = draw_guidance(self.config, count, generator, device)
-        condition = guidance_embedding(scales, self.config.guidance_embedding_dim).to(device)
+        condition = guidance_embedding(scales, self.config.guidance_embedding_dim)
 
         prediction = student(noisy, start, text, timestep_cond=condition).sample
         estimate = self.consistency_output(prediction, noisy, start)
@@ -222,16 +223,16 @@ class ProgressiveDistillation:
         noise = torch.randn(latents.shape, generator=generator, device=device)
         noisy = self.noise_schedule.add_noise(latents, noise, start)
         scales = draw_guidance(self.config, count, generator, device)
-        condition = guidance_embedding(scales, self.config.guidance_embedding_dim).to(device)
+        condition = guidance_embedding(scales, self.config.guidance_embedding_dim)
 
+        alpha_cumprod = self.alpha_cumprod(start)
         with torch.no_grad():
             halfway = self.teacher_step(noisy, start, middle, text, empty, scales, condition, global_step)
             twice = self.teacher_step(halfway, middle, end, text, empty, scales, condition, global_step)
-            goal = two_step_target(noisy, twice, self.alpha_cumprod(start), self.alpha_cumprod(end))
+            goal = two_step_target(noisy, twice, alpha_cumprod, self.alpha_cumprod(end))
         prediction = student(noisy, start, text, timestep_cond=condition).sample
-        estimate, _ = clean_and_noise(prediction.float(), noisy, self.alpha_cumprod(start), "v_prediction")
-        snr = self.alpha_cumprod(start) / (1 - self.alpha_cumprod(start))
-        weights = snr.clamp(min=1.0)  # "truncated SNR" weighting of the x-space loss
+        estimate, _ = clean_and_noise(prediction.float(), noisy, alpha_cumprod, "v_prediction")
+        weights = diffusion.snr(self.noise_schedule, start).clamp(min=1.0)  # "truncated SNR" weighting of the x loss
         return (weights * ((estimate - goal) ** 2).mean(dim=(1, 2, 3))).mean()
 
     def teacher_step(self, noisy, start, end, text, empty, scales, condition, global_step) -> torch.Tensor:
@@ -245,8 +246,7 @@ class ProgressiveDistillation:
             with self.autocast():
                 prediction = self.stage_teacher(noisy, start, text, timestep_cond=condition).sample
             clean, noise = clean_and_noise(prediction.float(), noisy, alpha_cumprod, "v_prediction")
-        alpha_end = self.alpha_cumprod(end).view(-1, 1, 1, 1)
-        return alpha_end.sqrt() * clean + (1 - alpha_end).sqrt() * noise
+        return ddim_step(clean, noise, self.alpha_cumprod(end))
 
     def alpha_cumprod(self, timesteps: torch.Tensor) -> torch.Tensor:
         """ᾱ at `timesteps`, with 1 below 0: the last step lands on x₀ (DDIM's `set_alpha_to_one`)."""
