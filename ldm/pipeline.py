@@ -1,10 +1,13 @@
 """LatentDiffusionPipeline: prompt → CLIP embeddings → classifier-free-guided denoising with any
-diffusers scheduler → VAE decode.
+diffusers scheduler → VAE decode; from noise (text-to-image), from a noised image (image-to-image,
+SDEdit) or with a masked region repainted (inpainting), with an optional invisible watermark.
 
 It saves and loads in the standard diffusers folder layout (`model_index.json` plus `vae/`,
 `text_encoder/`, `tokenizer/`, `unet/`, `scheduler/`), so diffusers' own
 `StableDiffusionPipeline.from_pretrained(folder)` loads the same folder and, with the same
-scheduler and seed, draws the same images. (StableDiffusionPipeline rewrites a scheduler config
+scheduler and seed, draws the same images. The same folder
+loaded as `StableDiffusionImg2ImgPipeline` or `StableDiffusionInpaintPipeline` edits images as
+`image=` / `mask_image=` do here, draw for draw. (StableDiffusionPipeline rewrites a scheduler config
 with `steps_offset != 1` or `clip_sample: true` when it loads one, so save schedulers with SD's
 `steps_offset=1, clip_sample=False` for the two to agree on DDIM-style timestep spacing.)
 """
@@ -16,15 +19,19 @@ import inspect
 import logging
 from collections.abc import Callable
 
+import numpy as np
+import PIL.Image
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
-from diffusers.image_processor import VaeImageProcessor
+from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm.consistency import guidance_embedding
+from ldm.diffusion import denormalise_latents, normalise_latents
 from ldm.schedulers import make_scheduler
 from ldm.text import tokenize
 
@@ -39,6 +46,11 @@ class LatentDiffusionPipeline(DiffusionPipeline):
     Components, registered the diffusers way: `vae` (AutoencoderKL), `text_encoder`
     (CLIPTextModel), `tokenizer` (CLIPTokenizer), `unet` (UNet2DConditionModel) and
     `scheduler` (any diffusers scheduler; swap it with `set_scheduler("euler_a")`).
+
+    `pipe(prompt)` draws from noise; `pipe(prompt, image=..., strength=...)` redraws an image from
+    it noised part of the way (SDEdit, https://arxiv.org/abs/2108.01073); adding `mask_image=`
+    repaints only the white part of the mask, the ordinary UNet's way: after every step, the
+    latents outside the mask are replaced by the image's, noised to the step's level.
 
     For large images call `pipe.vae.enable_tiling()` (decode in overlapping tiles) or
     `pipe.vae.enable_slicing()` (decode one image at a time). `enable_fast_mode()` runs the
@@ -56,6 +68,9 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         # Each down block of the VAE encoder but the last halves the resolution.
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        # Masks: one grey channel in [0, 1], binarised at 0.5 (white = repaint).
+        self.mask_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_normalize=False,
+                                                do_binarize=True, do_convert_grayscale=True)
         self.disable_fast_mode()
 
     # ---------------------------------------------------------------- options
@@ -212,16 +227,116 @@ class LatentDiffusionPipeline(DiffusionPipeline):
             guided_prediction = rescale_guidance(guided_prediction, conditional, guidance_rescale)
         return guided_prediction
 
+    def check_edit_inputs(self, image, mask_image, strength, padding_mask_crop, num_inference_steps, latents,
+                          output_type) -> None:
+        """The image-to-image and inpainting arguments, checked before any model runs."""
+        if image is None:
+            for name, value in (("mask_image", mask_image), ("strength", strength),
+                                ("padding_mask_crop", padding_mask_crop)):
+                if value is not None:
+                    raise ValueError(f"`{name}` applies to an edit of an image: pass `image=` too")
+            return
+        if latents is not None:
+            raise ValueError("pass `latents` (the starting noise of text-to-image) or `image` (an edit's start), "
+                             "not both")
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        steps = edit_steps(num_inference_steps, strength)
+        if steps < 1:
+            raise ValueError(f"strength {strength} of {num_inference_steps} steps leaves {steps} steps to run; "
+                             f"raise strength to at least 1/num_inference_steps = {1 / num_inference_steps:.3g}")
+        width, height = image_size(image, "image")
+        if min(width, height) < self.vae_scale_factor:
+            raise ValueError(f"`image` is {width}×{height} pixels, smaller than one latent pixel "
+                             f"({self.vae_scale_factor}×{self.vae_scale_factor})")
+        if mask_image is not None and image_size(mask_image, "mask_image") != (width, height):
+            mask_width, mask_height = image_size(mask_image, "mask_image")
+            raise ValueError(f"`mask_image` is {mask_width}×{mask_height} pixels but `image` is {width}×{height}; "
+                             "they must be the same size")
+        if padding_mask_crop is not None:
+            if mask_image is None:
+                raise ValueError("`padding_mask_crop` crops around the mask: pass `mask_image=` too")
+            if not isinstance(image, PIL.Image.Image) or not isinstance(mask_image, PIL.Image.Image):
+                raise ValueError("`padding_mask_crop` needs `image` and `mask_image` as PIL images")
+            if output_type != "pil":
+                raise ValueError(f"`padding_mask_crop` pastes onto the PIL image, so output_type must be 'pil', "
+                                 f"got {output_type!r}")
+            if not isinstance(padding_mask_crop, int) or padding_mask_crop < 0:
+                raise ValueError(f"padding_mask_crop must be a number of pixels >= 0, got {padding_mask_crop!r}")
+
+    def edit_timesteps(self, num_inference_steps: int, strength: float) -> torch.Tensor:
+        """The last `strength` of the schedule: an edit starts part of the way down from pure noise.
+
+        diffusers' rounding: int(steps × strength) steps run. `set_begin_index` tells the schedulers
+        that keep a step index (Euler, DPM-Solver, ...) where the run starts; their `add_noise` reads it.
+        """
+        start = (num_inference_steps - edit_steps(num_inference_steps, strength)) * self.scheduler.order
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(start)
+        return self.scheduler.timesteps[start:]
+
+    def encode_image(self, pixels: torch.Tensor, generator) -> torch.Tensor:
+        """Latents of images in [-1, 1]: a sample of the VAE's posterior, normalised as the UNet saw
+        latents in training (the inverse of `decode_latents`). With a list of generators, row i is
+        encoded alone and sampled with generator i."""
+        pixels = pixels.to(self.vae.dtype)
+        if isinstance(generator, list):
+            samples = [self.vae.encode(row).latent_dist.sample(one)
+                       for row, one in zip(pixels.split(1), generator, strict=True)]
+            return normalise_latents(torch.cat(samples), self.vae.config)
+        return normalise_latents(self.vae.encode(pixels).latent_dist.sample(generator), self.vae.config)
+
+    def prepare_edit_latents(self, pixels: torch.Tensor, num_images: int, timesteps: torch.Tensor,
+                             inpainting: bool, strength: float, dtype: torch.dtype, device: torch.device,
+                             generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(start latents, clean image latents, noise) of an edit, drawn as diffusers' img2img and
+        inpaint pipelines draw them: the VAE sample of the image, then the noise, then (inpainting) a
+        VAE sample of the masked image.
+
+        The two pipelines differ with a list of generators: img2img samples the image's latents once
+        per image, each with its own generator; inpaint samples them once, with the first generator.
+        """
+        pixels = pixels.to(device)
+        if isinstance(generator, list) and not inpainting:
+            image_latents = self.encode_image(pixels.repeat(num_images, 1, 1, 1), generator)
+        else:
+            image_latents = self.encode_image(pixels, generator[:1] if isinstance(generator, list) else generator)
+        image_latents = image_latents.to(dtype).repeat(num_images // image_latents.shape[0], 1, 1, 1)
+        noise = randn_tensor(image_latents.shape, generator=generator, device=device, dtype=dtype)
+        if inpainting and strength == 1.0:
+            latents = noise * self.scheduler.init_noise_sigma  # from pure noise, as text-to-image starts
+        else:
+            latents = self.scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(num_images))
+        if inpainting:
+            # diffusers' inpaint pipeline also samples the posterior of the masked image, which only a
+            # 9-channel inpainting UNet reads. Draw as many numbers, so any later draw from the same
+            # generator (an ancestral sampler's) matches.
+            randn_tensor(image_latents[:1].shape, generator=generator[:1] if isinstance(generator, list) else generator,
+                         device=device, dtype=self.vae.dtype)
+        return latents, image_latents, noise
+
+    def latent_mask(self, mask_image, height: int, width: int, crops_coords, resize_mode: str,
+                    dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The mask at latent resolution, 1 where the image is repainted (nearest-neighbour, as diffusers)."""
+        mask = self.mask_processor.preprocess(mask_image, height=height, width=width, resize_mode=resize_mode,
+                                              crops_coords=crops_coords)
+        size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        return F.interpolate(mask, size=size).to(device, dtype)
+
+    def keep_unmasked(self, latents: torch.Tensor, image_latents: torch.Tensor, noise: torch.Tensor,
+                      mask: torch.Tensor, next_timestep: torch.Tensor | None) -> torch.Tensor:
+        """Inpainting with an ordinary UNet: outside the mask, put back the image's latents noised to
+        the level of the next step (clean after the last one), so only the masked region is redrawn
+        while the model sees it in context."""
+        known = image_latents if next_timestep is None else self.scheduler.add_noise(
+            image_latents, noise, next_timestep.reshape(1))
+        return (1 - mask) * known + mask * latents
+
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] from denoised latents, undoing the latent normalisation the VAE's config
         declares: `latents_mean`/`latents_std` when set, else `scaling_factor` and `shift_factor`."""
         config = self.vae.config
-        if config.get("latents_mean") is not None and config.get("latents_std") is not None:
-            mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents)
-            std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents)
-            latents = latents * std / config.scaling_factor + mean
-        else:
-            latents = latents / config.scaling_factor + (config.get("shift_factor") or 0.0)
+        latents = denormalise_latents(latents, config)
         # fp16 VAE decoders overflow to NaN on some latents; `force_upcast` marks such VAEs.
         vae_dtype = self.vae.dtype
         upcast = vae_dtype == torch.float16 and config.get("force_upcast", False)
@@ -245,6 +360,10 @@ class LatentDiffusionPipeline(DiffusionPipeline):
     def __call__(
         self,
         prompt: str | list[str] | None = None,
+        image: PipelineImageInput | None = None,
+        mask_image: PipelineImageInput | None = None,
+        strength: float | None = None,
+        padding_mask_crop: int | None = None,
         negative_prompt: str | list[str] | None = None,
         num_inference_steps: int = 50,
         guidance_scale: float = 7.5,
@@ -262,13 +381,21 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
     ):
-        """Generate images for `prompt`.
+        """Generate images for `prompt`, from noise or (with `image`) by editing an image.
 
+        image: one image (PIL, H×W×C array in [0, 1], or C×H×W tensor) to edit for every prompt.
+        mask_image: with `image`, the region to repaint (white) and to keep (black), the same size.
+        strength: how far into the noise an edit starts: 1 redraws from pure noise, small values keep
+            more of the image; int(num_inference_steps × strength) steps run. Default 0.8 for
+            image-to-image and 1.0 for inpainting, as in diffusers.
+        padding_mask_crop: inpaint only a crop around the mask, widened by this many pixels, at full
+            resolution, and paste it back: everything outside the mask stays the original's pixels.
         guidance_scale: classifier-free guidance weight w; 1 or less skips the unconditional pass. A
             distilled UNet (one with `time_cond_proj_dim`) takes w as an input and runs once per step.
         guidance_rescale: φ of "Common Diffusion Noise Schedules and Sample Steps are Flawed"
             (https://arxiv.org/abs/2305.08891, §3.4); counters over-exposure at high w.
-        height, width: pixels, multiples of the VAE factor; default: the UNet's sample size × factor.
+        height, width: pixels, multiples of the VAE factor; default: the UNet's sample size × factor,
+            or for image-to-image the image's size (rounded down to the factor).
         generator: one generator for the whole batch, or one per image (prompts × num_images_per_prompt).
         output_type: "pil" (list of images), "np" (N×H×W×3 floats in [0, 1]), "pt" (N×3×H×W), or
             "latent" (the denoised latents, undecoded).
@@ -278,8 +405,12 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         Returns an `ImagePipelineOutput` (`.images`), or a 1-tuple when `return_dict` is False.
         """
         # 1. Check inputs.
-        native_size = self.unet.config.sample_size * self.vae_scale_factor
-        height, width = native_size if height is None else height, native_size if width is None else width
+        inpainting = mask_image is not None
+        if image is not None and strength is None:
+            strength = 1.0 if inpainting else 0.8
+        self.check_edit_inputs(image, mask_image, strength, padding_mask_crop, num_inference_steps, latents,
+                               output_type)
+        height, width = self.default_size(image, inpainting, height, width)
         self.check_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, height, width,
                           num_inference_steps, num_images_per_prompt, guidance_rescale, generator, output_type,
                           callback_on_step_end_tensor_inputs)
@@ -290,14 +421,27 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt,
             do_guidance=guidance_scale > 1.0 and guidance_input is None, device=device)
+        num_images = prompt_embeds.shape[0]
 
-        # 3. Timesteps.
+        # 3. Timesteps: all of them, or an edit's last `strength` of them.
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
+        timesteps = self.scheduler.timesteps if image is None else self.edit_timesteps(num_inference_steps, strength)
 
-        # 4. Initial latents.
-        latents = self.prepare_latents(prompt_embeds.shape[0], height, width, prompt_embeds.dtype, device,
-                                       generator, latents)
+        # 4. Initial latents: noise, or the image noised to the first timestep; an inpainting mask.
+        mask = None
+        if image is None:
+            latents = self.prepare_latents(num_images, height, width, prompt_embeds.dtype, device, generator, latents)
+        else:
+            crops_coords = None if padding_mask_crop is None else self.mask_processor.get_crop_region(
+                mask_image, width, height, pad=padding_mask_crop)
+            resize_mode = "default" if padding_mask_crop is None else "fill"
+            pixels = self.image_processor.preprocess(image, height=height, width=width, crops_coords=crops_coords,
+                                                     resize_mode=resize_mode)
+            latents, image_latents, noise = self.prepare_edit_latents(
+                pixels, num_images, timesteps, inpainting, strength, prompt_embeds.dtype, device, generator)
+            if inpainting:
+                mask = self.latent_mask(mask_image, height, width, crops_coords, resize_mode, prompt_embeds.dtype,
+                                        device)
         step_kwargs = self.scheduler_step_kwargs(generator, eta)
 
         # 5. Denoising loop.
@@ -306,12 +450,15 @@ class LatentDiffusionPipeline(DiffusionPipeline):
             [negative_prompt_embeds, prompt_embeds])
         embeddings = embeddings.to(unet.dtype)
         timestep_cond = None if guidance_input is None else guidance_embedding(
-            torch.full((latents.shape[0],), guidance_scale), guidance_input).to(device, unet.dtype)
+            torch.full((num_images,), guidance_scale), guidance_input).to(device, unet.dtype)
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
                 noise_pred = self.predict_noise(unet, latents, t, embeddings, guidance_scale, guidance_rescale,
                                                 timestep_cond)
                 latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+                if mask is not None:
+                    next_timestep = timesteps[i + 1] if i + 1 < len(timesteps) else None
+                    latents = self.keep_unmasked(latents, image_latents, noise, mask, next_timestep)
                 if callback_on_step_end is not None:
                     tensors = dict(latents=latents, prompt_embeds=prompt_embeds,
                                    negative_prompt_embeds=negative_prompt_embeds)
@@ -319,11 +466,21 @@ class LatentDiffusionPipeline(DiffusionPipeline):
                     latents = (callback_on_step_end(self, i, t, requested) or {}).get("latents", latents)
                 progress_bar.update()
 
-        # 6. Decode.
+        # 6. Decode; with a crop, paste each image back into the original around the mask.
         images = latents if output_type == "latent" else self.image_processor.postprocess(
             self.decode_latents(latents), output_type=output_type)
+        if padding_mask_crop is not None:
+            images = [self.image_processor.apply_overlay(mask_image, image, drawn, crops_coords) for drawn in images]
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    def default_size(self, image, inpainting: bool, height: int | None, width: int | None) -> tuple[int, int]:
+        """Image-to-image keeps the image's size (rounded down to the VAE factor); text-to-image and,
+        as in diffusers, inpainting default to the UNet's native size."""
+        if image is not None and not inpainting:
+            return self.image_processor.get_default_height_width(_as_batch(image), height, width)
+        native = self.unet.config.sample_size * self.vae_scale_factor
+        return native if height is None else height, native if width is None else width
 
 
 def rescale_guidance(guided: torch.Tensor, conditional: torch.Tensor, phi: float) -> torch.Tensor:
@@ -342,3 +499,32 @@ def _as_list(text: str | list[str]) -> list[str]:
 def _is_text_or_texts(value) -> bool:
     return isinstance(value, str) or (isinstance(value, list) and bool(value)
                                       and all(isinstance(v, str) for v in value))
+
+
+def edit_steps(num_inference_steps: int, strength: float) -> int:
+    """How many steps an edit at `strength` runs, rounded as diffusers rounds."""
+    return min(int(num_inference_steps * strength), num_inference_steps)
+
+
+def image_size(image, name: str) -> tuple[int, int]:
+    """(width, height) of one image: a PIL image, an H×W or H×W×C array, or a C×H×W tensor (each
+    optionally with a leading batch of one)."""
+    if isinstance(image, PIL.Image.Image):
+        return image.size
+    shape = tuple(getattr(image, "shape", ()))
+    if isinstance(image, torch.Tensor) and len(shape) in (3, 4) and (len(shape) == 3 or shape[0] == 1):
+        return shape[-1], shape[-2]
+    if isinstance(image, np.ndarray) and (image.ndim in (2, 3) or (image.ndim == 4 and shape[0] == 1)):
+        height, width = shape[1:3] if image.ndim == 4 else shape[:2]
+        return width, height
+    raise ValueError(f"`{name}` must be one image: a PIL image, an H×W×C array or a C×H×W tensor, got "
+                     f"{type(image).__name__} {shape or ''}".rstrip())
+
+
+def _as_batch(image):
+    """A tensor or array image with its batch axis, as VaeImageProcessor reads sizes."""
+    if isinstance(image, torch.Tensor) and image.ndim == 3:
+        return image.unsqueeze(0)
+    if isinstance(image, np.ndarray) and image.ndim == 3:
+        return image[None]
+    return image
