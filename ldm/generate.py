@@ -1,12 +1,18 @@
-"""What `generate.py` does: prompts + a saved pipeline → one PNG per image and a contact sheet.
+"""What `generate.py` does: prompts + a saved pipeline → one PNG per image and a contact sheet,
+from noise, or by editing `--init_image` (image-to-image; with `--mask_image`, inpainting).
 
 Every input is checked before the first image is drawn, and the PNGs are written to a
 temporary folder and moved into `--output_dir` only once all of them exist, so a failed run
 leaves nothing half-written.
+
+Under `accelerate launch`, the images are shared out between the processes in batches numbered
+in one global order; an image's seed, batch and file name come from its global index, so every
+file is the same, byte for byte, whatever the number of processes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -18,12 +24,14 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+from accelerate import PartialState
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from transformers import HfArgumentParser
 
+from ldm.data import open_rgb
 from ldm.hub import HubError, find_model, is_hub_id, named_revision, read_distillation
-from ldm.pipeline import LatentDiffusionPipeline
+from ldm.pipeline import LatentDiffusionPipeline, edit_steps
 from ldm.schedulers import resolve_scheduler, scheduler_name
 
 logger = logging.getLogger(__name__)
@@ -50,6 +58,19 @@ class GenerateConfig:
                 "diffusers scheduler class name. Default: the one saved with the model."})
     seed: int = field(default=0, metadata={"help": "Image i of the run uses seed + i."})
     num_images_per_prompt: int = field(default=1, metadata={"help": "Images drawn for each prompt."})
+    batch_size: int = field(default=8, metadata={
+        "help": "Images per pipeline call, in the order of their index; also the unit shared out between "
+                "processes under `accelerate launch`."})
+    init_image: str | None = field(default=None, metadata={
+        "help": "An image file to edit (image-to-image), instead of drawing from noise."})
+    strength: float | None = field(default=None, metadata={
+        "help": "With --init_image: how much to redraw, in (0, 1]; int(steps × strength) steps run. "
+                "Default 0.8, or 1.0 when inpainting."})
+    mask_image: str | None = field(default=None, metadata={
+        "help": "With --init_image: repaint only where this mask (same size) is white; keep where it is black."})
+    padding_mask_crop: int | None = field(default=None, metadata={
+        "help": "With --mask_image: inpaint only a crop around the mask, widened by this many pixels, at the "
+                "model's resolution, and paste it back; every pixel outside the mask stays the original's."})
     height: int | None = field(default=None, metadata={
         "help": "Image height in pixels, a multiple of the VAE factor. Default: the model's native size."})
     width: int | None = field(default=None, metadata={"help": "Image width in pixels; as --height."})
@@ -86,8 +107,9 @@ def check_config(config: GenerateConfig) -> None:
     """The checks that need no model: fail in milliseconds, not after loading one."""
     if config.num_inference_steps is not None and config.num_inference_steps < 1:
         raise ValueError(f"--num_inference_steps must be at least 1, got {config.num_inference_steps}")
-    if config.num_images_per_prompt < 1:
-        raise ValueError(f"--num_images_per_prompt must be at least 1, got {config.num_images_per_prompt}")
+    for name in ("num_images_per_prompt", "batch_size"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(config, name)}")
     for name in ("height", "width"):
         size = getattr(config, name)
         if size is not None and size <= 0:
@@ -96,6 +118,79 @@ def check_config(config: GenerateConfig) -> None:
         resolve_scheduler(config.scheduler)
     if os.path.exists(config.output_dir) and not os.path.isdir(config.output_dir):
         raise ValueError(f"--output_dir {config.output_dir} exists and is not a folder")
+    check_edit_flags(config)
+
+
+def check_edit_flags(config: GenerateConfig) -> None:
+    if config.init_image is None:
+        for name in ("strength", "mask_image", "padding_mask_crop"):
+            if getattr(config, name) is not None:
+                raise ValueError(f"--{name} edits an image: pass --init_image too")
+        return
+    if config.strength is not None and not 0.0 < config.strength <= 1.0:
+        raise ValueError(f"--strength must be in (0, 1], got {config.strength}")
+    if config.padding_mask_crop is not None:
+        if config.mask_image is None:
+            raise ValueError("--padding_mask_crop crops around the mask: pass --mask_image too")
+        if config.padding_mask_crop < 0:
+            raise ValueError(f"--padding_mask_crop must be a number of pixels >= 0, got {config.padding_mask_crop}")
+
+
+@dataclass
+class EditInputs:
+    """The image to edit and its optional mask, opened and checked, and what identifies each file."""
+    image: Image.Image
+    mask: Image.Image | None
+    metadata: dict[str, str]
+
+
+def read_edit_inputs(config: GenerateConfig) -> EditInputs | None:
+    """--init_image and --mask_image opened (transparency composited on white), or None without them."""
+    if config.init_image is None:
+        return None
+    image, metadata = open_input(config.init_image, "init_image")
+    mask = None
+    if config.mask_image is not None:
+        mask, mask_metadata = open_input(config.mask_image, "mask_image")
+        mask = mask.convert("L")
+        metadata.update(mask_metadata)
+        if mask.size != image.size:
+            raise ValueError(f"--mask_image {config.mask_image} is {mask.width}×{mask.height} pixels but --init_image "
+                             f"{config.init_image} is {image.width}×{image.height}; they must be the same size")
+    return EditInputs(image, mask, metadata)
+
+
+def open_input(path: str, flag: str) -> tuple[Image.Image, dict[str, str]]:
+    """An input image and its file name and sha256, for the PNGs' text chunks."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--{flag} {path} does not exist")
+    try:
+        image = open_rgb(path)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--{flag} {path} is not a readable image: {error}") from None
+    with open(path, "rb") as file:
+        digest = hashlib.sha256(file.read()).hexdigest()
+    return image, {flag: os.path.basename(path), f"{flag}_sha256": digest}
+
+
+def check_edit(pipe: LatentDiffusionPipeline, edit: EditInputs, config: GenerateConfig) -> None:
+    """The checks that need the model (its VAE factor) or the step count it settles."""
+    factor = pipe.vae_scale_factor
+    if min(edit.image.size) < factor:
+        raise ValueError(f"--init_image {config.init_image} is {edit.image.width}×{edit.image.height} pixels, smaller "
+                         f"than one latent pixel ({factor}×{factor})")
+    strength = edit_strength(config)
+    steps = edit_steps(config.num_inference_steps, strength)
+    if steps < 1:
+        raise ValueError(f"--strength {strength} of {config.num_inference_steps} steps leaves {steps} steps to run; "
+                         f"raise --strength to at least {1 / config.num_inference_steps:.3g} or --num_inference_steps")
+
+
+def edit_strength(config: GenerateConfig) -> float:
+    """--strength, or the pipeline's default for the kind of edit."""
+    if config.strength is not None:
+        return config.strength
+    return 1.0 if config.mask_image is not None else 0.8
 
 
 def resolve_device(name: str) -> torch.device:
@@ -149,18 +244,23 @@ def check_size(pipe: LatentDiffusionPipeline, height: int, width: int) -> None:
                              f"(try {size // pipe.vae_scale_factor * pipe.vae_scale_factor or pipe.vae_scale_factor})")
 
 
-def prepare(config: GenerateConfig) -> tuple[LatentDiffusionPipeline, list[str]]:
-    """Check everything and load the pipeline, configured as `config` asks. Raises ValueError."""
+def prepare(config: GenerateConfig, device: torch.device | None = None
+            ) -> tuple[LatentDiffusionPipeline, list[str], EditInputs | None]:
+    """Check everything and load the pipeline, configured as `config` asks, on `device` (default:
+    --device). Returns it with the prompts and the image to edit, if any. Raises ValueError."""
     check_config(config)
     prompts = read_prompts(config)
-    device = resolve_device(config.device)
+    edit = read_edit_inputs(config)
+    device = device or resolve_device(config.device)
     pipe = load_pipeline(config.model, config.revision, DTYPES[config.dtype])
     distilled = read_distillation(config.model, config.revision)
     config.num_inference_steps = config.num_inference_steps or distilled.get("num_inference_steps", DEFAULT_STEPS)
     if config.guidance_scale is None:
         config.guidance_scale = distilled.get("guidance_scale", DEFAULT_GUIDANCE)
-    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    config.height, config.width = config.height or native, config.width or native
+    if edit is not None:
+        check_edit(pipe, edit, config)
+        config.strength = edit_strength(config)
+    config.height, config.width = default_size(pipe, edit, config)
     check_size(pipe, config.height, config.width)
     if config.scheduler is not None:
         pipe.set_scheduler(config.scheduler)
@@ -168,48 +268,134 @@ def prepare(config: GenerateConfig) -> tuple[LatentDiffusionPipeline, list[str]]
         pipe.enable_fast_mode()
     if config.vae_tiling:
         pipe.vae.enable_tiling()
-    return pipe.to(device), prompts
+    return pipe.to(device), prompts, edit
 
 
-def generate(pipe: LatentDiffusionPipeline, prompts: list[str], config: GenerateConfig) -> list[str]:
-    """Draw every image, then move the PNGs and `grid.png` into `config.output_dir`; returns their paths."""
+def default_size(pipe: LatentDiffusionPipeline, edit: EditInputs | None, config: GenerateConfig) -> tuple[int, int]:
+    """--height and --width, else an edit keeps the image's size (rounded down to the VAE factor) and
+    everything else, a crop around a mask included, is drawn at the model's native size."""
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    if edit is None or config.padding_mask_crop is not None:
+        return config.height or native, config.width or native
+    factor = pipe.vae_scale_factor
+    return (config.height or edit.image.height // factor * factor,
+            config.width or edit.image.width // factor * factor)
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """One image of the run: its place in the global order, its prompt and its seed."""
+    index: int
+    prompt: str
+    seed: int
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.index:04d}-{_slug(self.prompt)}-seed{self.seed}.png"
+
+
+def image_jobs(prompts: list[str], config: GenerateConfig) -> list[ImageJob]:
+    """Every image, prompt-major; image i of the run uses seed + i."""
+    per_prompt = config.num_images_per_prompt
+    return [ImageJob(k * per_prompt + j, prompt, config.seed + k * per_prompt + j)
+            for k, prompt in enumerate(prompts) for j in range(per_prompt)]
+
+
+def generate(pipe: LatentDiffusionPipeline, prompts: list[str], config: GenerateConfig,
+             edit: EditInputs | None = None, state: PartialState | None = None) -> list[str]:
+    """Draw every image, then move the PNGs and `grid.png` into `config.output_dir`; returns their paths.
+
+    With several processes, each draws a contiguous share of the batches; the files move only
+    once every process has drawn its share, and the main process then writes the grid.
+    """
+    state = state or PartialState()
+    jobs = image_jobs(prompts, config)
+    batches = [jobs[i:i + config.batch_size] for i in range(0, len(jobs), config.batch_size)]
     staging = tempfile.mkdtemp(prefix="generate-")
     try:
-        images, names = [], []
-        sampler = scheduler_name(pipe.scheduler)
-        for k, prompt in enumerate(prompts):
-            seeds = [config.seed + k * config.num_images_per_prompt + j for j in range(config.num_images_per_prompt)]
-            pipe.set_progress_bar_config(desc=f"prompt {k + 1}/{len(prompts)}")
-            drawn = pipe(prompt, negative_prompt=config.negative_prompt,
-                         num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
-                         height=config.height, width=config.width, num_images_per_prompt=len(seeds),
-                         # CPU generators, so a seed draws the same image on every device.
-                         generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds]).images
-            for seed, image in zip(seeds, drawn):
-                name = f"{len(images):04d}-{_slug(prompt)}-seed{seed}.png"
-                image.save(os.path.join(staging, name),
-                           pnginfo=png_metadata(config, prompt=prompt, seed=seed, scheduler=sampler))
-                images.append(image)
-                names.append(name)
-        contact_sheet(images, config.num_images_per_prompt).save(os.path.join(staging, "grid.png"))
-        names.append("grid.png")
+        with state.split_between_processes(batches) as share:
+            if state.num_processes > 1:  # diffusers shows only the first process's progress bar
+                logger.info("process %d of %d draws %s", state.process_index, state.num_processes,
+                            describe_share(share))
+            for number, batch in enumerate(share, 1):
+                pipe.set_progress_bar_config(desc=f"batch {number}/{len(share)}")
+                draw_batch(pipe, batch, config, edit, staging)
+        state.wait_for_everyone()
         os.makedirs(config.output_dir, exist_ok=True)
-        for name in names:
+        for name in os.listdir(staging):
             shutil.move(os.path.join(staging, name), os.path.join(config.output_dir, name))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return [os.path.join(config.output_dir, name) for name in names]
+    state.wait_for_everyone()
+    paths = [os.path.join(config.output_dir, job.file_name) for job in jobs]
+    grid = os.path.join(config.output_dir, "grid.png")
+    if state.is_main_process:
+        write_grid(paths, config.num_images_per_prompt, edit, grid)
+    return [*paths, grid]
 
 
-def png_metadata(config: GenerateConfig, prompt: str, seed: int, scheduler: str) -> PngInfo:
-    """Everything that made the image, in the PNG's text chunk (read back with `Image.open(path).text`)."""
+def describe_share(share: list[list[ImageJob]]) -> str:
+    if not share:
+        return "no images (fewer batches than processes)"
+    first, last = share[0][0].index, share[-1][-1].index
+    return f"images {first}-{last} in {len(share)} batches"
+
+
+def draw_batch(pipe: LatentDiffusionPipeline, batch: list[ImageJob], config: GenerateConfig,
+               edit: EditInputs | None, folder: str) -> None:
+    edit_args = {} if edit is None else dict(image=edit.image, mask_image=edit.mask, strength=config.strength,
+                                             padding_mask_crop=config.padding_mask_crop)
+    drawn = pipe([job.prompt for job in batch], negative_prompt=config.negative_prompt,
+                 num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
+                 height=config.height, width=config.width, **edit_args,
+                 # CPU generators, so a seed draws the same image on every device.
+                 generator=[torch.Generator("cpu").manual_seed(job.seed) for job in batch]).images
+    sampler = scheduler_name(pipe.scheduler)
+    for job, image in zip(batch, drawn):
+        metadata = png_metadata(config, prompt=job.prompt, seed=job.seed, scheduler=sampler, edit=edit)
+        image.save(os.path.join(folder, job.file_name), pnginfo=metadata)
+
+
+def png_metadata(config: GenerateConfig, prompt: str, seed: int, scheduler: str,
+                 edit: EditInputs | None = None) -> PngInfo:
+    """Everything that made the image, in the PNG's text chunk (read back with `Image.open(path).text`);
+    for an edit, the input files by name and sha256."""
     info = PngInfo()
-    for key, value in dict(prompt=prompt, negative_prompt=config.negative_prompt or "", seed=seed,
-                           scheduler=scheduler, num_inference_steps=config.num_inference_steps,
-                           guidance_scale=config.guidance_scale, height=config.height, width=config.width,
-                           model=config.model, fast=config.fast).items():
+    fields = dict(prompt=prompt, negative_prompt=config.negative_prompt or "", seed=seed, scheduler=scheduler,
+                  num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
+                  height=config.height, width=config.width, model=config.model, fast=config.fast)
+    if edit is not None:
+        fields.update(edit.metadata, strength=config.strength)
+        if config.padding_mask_crop is not None:
+            fields.update(padding_mask_crop=config.padding_mask_crop)
+    for key, value in fields.items():
         info.add_text(key, str(value))
     return info
+
+
+def write_grid(paths: list[str], images_per_prompt: int, edit: EditInputs | None, grid: str) -> None:
+    """The contact sheet, from the PNGs on disk (the other processes drew theirs); for an edit, each
+    row starts with the input (the mask tinted red), so the change shows beside it."""
+    images = [Image.open(path).convert("RGB") for path in paths]
+    if edit is not None:
+        images, images_per_prompt = with_input_column(images, images_per_prompt, input_picture(edit, images[0].size))
+    partial = grid + ".partial"
+    contact_sheet(images, images_per_prompt).save(partial, format="PNG")
+    os.replace(partial, grid)
+
+
+def input_picture(edit: EditInputs, size: tuple[int, int]) -> Image.Image:
+    picture = edit.image
+    if edit.mask is not None:
+        red = Image.new("RGB", picture.size, (255, 0, 0))
+        picture = Image.composite(Image.blend(picture, red, 0.5), picture, edit.mask.point(lambda v: 255 * (v >= 128)))
+    return picture.resize(size, Image.Resampling.LANCZOS)
+
+
+def with_input_column(images: list[Image.Image], per_prompt: int, picture: Image.Image
+                      ) -> tuple[list[Image.Image], int]:
+    rows = [images[i:i + per_prompt] for i in range(0, len(images), per_prompt)]
+    return [image for row in rows for image in (picture, *row)], per_prompt + 1
 
 
 def contact_sheet(images: list[Image.Image], columns: int) -> Image.Image:
@@ -238,14 +424,24 @@ def _log_to_stderr() -> None:
         package_logger.setLevel(logging.INFO)
 
 
+def start_processes(device: torch.device) -> tuple[PartialState, torch.device]:
+    """This process's place among those `accelerate launch` started (one when run directly), and
+    its device: each process its own GPU. On the CPU, PartialState must be told `cpu=True`, or it
+    would not join the other processes and each would draw every image."""
+    state = PartialState(cpu=device.type == "cpu")
+    return state, state.device if device.type == "cuda" and state.num_processes > 1 else device
+
+
 def main(argv: list[str] | None = None) -> int:
     _log_to_stderr()
     config = parse_args(argv)
     try:
-        pipe, prompts = prepare(config)
+        state, device = start_processes(resolve_device(config.device))
+        pipe, prompts, edit = prepare(config, device)
     except ValueError as error:
         print(f"generate.py: error: {error}", file=sys.stderr)
         return 2
-    paths = generate(pipe, prompts, config)
-    logger.info("wrote %d images and %s", len(paths) - 1, paths[-1])
+    paths = generate(pipe, prompts, config, edit, state)
+    if state.is_main_process:
+        logger.info("wrote %d images and %s", len(paths) - 1, paths[-1])
     return 0
