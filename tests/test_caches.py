@@ -321,6 +321,8 @@ if "texts" in mode:
     encoder = CLIPTextModel(text_encoder_config(tokenizer, **TINY_TEXT_ENCODER)).eval()
     texts = caches.load_or_build_texts(tokenizer, encoder, train, "text", root, chunk_rows=6, processes=state)
     report["text_encoded_now"] = texts.encoded_now
-print(json.dumps(report), flush=True)
+# one write, one line: under PYTHONUNBUFFERED, print() writes the text and its newline separately,
+# and the two processes' lines could interleave
+sys.stdout.write(json.dumps(report) + "\n")
 finish_training(state)  # a barrier, then the process group closed, as the trainers end
 '''
