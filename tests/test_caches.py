@@ -323,6 +323,6 @@ if "texts" in mode:
     report["text_encoded_now"] = texts.encoded_now
 # one write, one line: under PYTHONUNBUFFERED, print() writes the text and its newline separately,
 # and the two processes' lines could interleave
-sys.stdout.write(json.dumps(report) + "\n")
+sys.stdout.write(json.dumps(report) + "\\n")
 finish_training(state)  # a barrier, then the process group closed, as the trainers end
 '''
