@@ -11,11 +11,15 @@ INSTALLED := $(VENV)/.installed
 install: $(INSTALLED)
 
 # torch goes in first, pinned: an unpinned torch would pull a CUDA build of several GB.
+# invisible-watermark (imwatermark, the tests' reference watermark decoder) goes in last, without the
+# opencv-python it declares, whose cv2 fails to import without libGL.so.1: the test extra brings
+# opencv-python-headless and PyWavelets instead, all that imwatermark imports.
 $(INSTALLED): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[test]" -c constraints.txt
+	$(PY) -m pip install --quiet --no-deps invisible-watermark -c constraints.txt
 	touch $@
 
 test: $(INSTALLED)
