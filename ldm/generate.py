@@ -33,6 +33,7 @@ from ldm.data import open_rgb
 from ldm.hub import HubError, find_model, is_hub_id, named_revision, read_distillation
 from ldm.pipeline import LatentDiffusionPipeline, edit_steps
 from ldm.schedulers import resolve_scheduler, scheduler_name
+from ldm.watermark import size_problem
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,9 @@ class GenerateConfig:
     fast: bool = field(default=False, metadata={
         "help": "Fast mode: run the UNet in bfloat16 (LatentDiffusionPipeline.enable_fast_mode)."})
     vae_tiling: bool = field(default=False, metadata={"help": "Decode in overlapping tiles, for large images."})
+    watermark: bool = field(default=False, metadata={
+        "help": "Mark the images with diffusers' SDXL invisible watermark (read it with `python -m ldm.watermark "
+                "detect`). Images narrower than 256 px cannot carry it and are written unmarked."})
 
 
 def parse_args(argv: list[str] | None = None) -> GenerateConfig:
@@ -262,6 +266,8 @@ def prepare(config: GenerateConfig, device: torch.device | None = None
         config.strength = edit_strength(config)
     config.height, config.width = default_size(pipe, edit, config)
     check_size(pipe, config.height, config.width)
+    if config.watermark:
+        config.watermark = can_carry_watermark(edit, config)
     if config.scheduler is not None:
         pipe.set_scheduler(config.scheduler)
     if config.fast:
@@ -269,6 +275,18 @@ def prepare(config: GenerateConfig, device: torch.device | None = None
     if config.vae_tiling:
         pipe.vae.enable_tiling()
     return pipe.to(device), prompts, edit
+
+
+def can_carry_watermark(edit: EditInputs | None, config: GenerateConfig) -> bool:
+    """Whether the images will be wide enough for the watermark; once, with a warning, when not
+    (rather than the pipeline's warning at every batch). A crop around a mask is pasted back
+    before the mark, so the image's own size counts then."""
+    height, width = (edit.image.height, edit.image.width) if config.padding_mask_crop is not None else (
+        config.height, config.width)
+    problem = size_problem(height, width)
+    if problem:
+        logger.warning("--watermark: the images will be written unmarked: %s", problem)
+    return problem is None
 
 
 def default_size(pipe: LatentDiffusionPipeline, edit: EditInputs | None, config: GenerateConfig) -> tuple[int, int]:
@@ -347,7 +365,7 @@ def draw_batch(pipe: LatentDiffusionPipeline, batch: list[ImageJob], config: Gen
                                              padding_mask_crop=config.padding_mask_crop)
     drawn = pipe([job.prompt for job in batch], negative_prompt=config.negative_prompt,
                  num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
-                 height=config.height, width=config.width, **edit_args,
+                 height=config.height, width=config.width, watermark=config.watermark, **edit_args,
                  # CPU generators, so a seed draws the same image on every device.
                  generator=[torch.Generator("cpu").manual_seed(job.seed) for job in batch]).images
     sampler = scheduler_name(pipe.scheduler)
@@ -363,7 +381,8 @@ def png_metadata(config: GenerateConfig, prompt: str, seed: int, scheduler: str,
     info = PngInfo()
     fields = dict(prompt=prompt, negative_prompt=config.negative_prompt or "", seed=seed, scheduler=scheduler,
                   num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
-                  height=config.height, width=config.width, model=config.model, fast=config.fast)
+                  height=config.height, width=config.width, model=config.model, fast=config.fast,
+                  watermark=config.watermark)
     if edit is not None:
         fields.update(edit.metadata, strength=config.strength)
         if config.padding_mask_crop is not None:

@@ -34,6 +34,7 @@ from ldm.consistency import guidance_embedding
 from ldm.diffusion import denormalise_latents, normalise_latents
 from ldm.schedulers import make_scheduler
 from ldm.text import tokenize
+from ldm.watermark import apply_watermark
 
 logger = logging.getLogger(__name__)
 
@@ -348,6 +349,11 @@ class LatentDiffusionPipeline(DiffusionPipeline):
             if upcast:
                 self._cast_vae(torch.float16)
 
+    def pil_to_decoded(self, images: list[PIL.Image.Image]) -> torch.Tensor:
+        """PIL images back to N×3×H×W in [-1, 1], the decoder's range, at their own size."""
+        processor = self.image_processor
+        return processor.normalize(processor.numpy_to_pt(processor.pil_to_numpy(images)))
+
     def _cast_vae(self, dtype: torch.dtype) -> None:
         # Outside inference mode, or the VAE's weights would become inference tensors that
         # autograd refuses, and the VAE could not be trained after sampling with it.
@@ -380,6 +386,7 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        watermark: bool = False,
     ):
         """Generate images for `prompt`, from noise or (with `image`) by editing an image.
 
@@ -401,6 +408,8 @@ class LatentDiffusionPipeline(DiffusionPipeline):
             "latent" (the denoised latents, undecoded).
         callback_on_step_end: called as f(pipe, step, timestep, tensors) after each step, where `tensors`
             holds the names in `callback_on_step_end_tensor_inputs`; a returned "latents" replaces them.
+        watermark: mark the decoded images with diffusers' SDXL invisible watermark (ldm/watermark.py);
+            images narrower than 256 px cannot carry it and stay unmarked, with a warning.
 
         Returns an `ImagePipelineOutput` (`.images`), or a 1-tuple when `return_dict` is False.
         """
@@ -410,6 +419,8 @@ class LatentDiffusionPipeline(DiffusionPipeline):
             strength = 1.0 if inpainting else 0.8
         self.check_edit_inputs(image, mask_image, strength, padding_mask_crop, num_inference_steps, latents,
                                output_type)
+        if watermark and output_type == "latent":
+            raise ValueError("watermark=True marks decoded images, and output_type 'latent' decodes none")
         height, width = self.default_size(image, inpainting, height, width)
         self.check_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, height, width,
                           num_inference_steps, num_images_per_prompt, guidance_rescale, generator, output_type,
@@ -466,11 +477,19 @@ class LatentDiffusionPipeline(DiffusionPipeline):
                     latents = (callback_on_step_end(self, i, t, requested) or {}).get("latents", latents)
                 progress_bar.update()
 
-        # 6. Decode; with a crop, paste each image back into the original around the mask.
-        images = latents if output_type == "latent" else self.image_processor.postprocess(
-            self.decode_latents(latents), output_type=output_type)
-        if padding_mask_crop is not None:
-            images = [self.image_processor.apply_overlay(mask_image, image, drawn, crops_coords) for drawn in images]
+        # 6. Decode and mark, as diffusers' SDXL pipelines mark: between decode and postprocessing. A
+        # crop is pasted back into the original around the mask first, so the mark covers the image.
+        if output_type == "latent":
+            images = latents
+        elif padding_mask_crop is None:
+            decoded = self.decode_latents(latents)
+            images = self.image_processor.postprocess(apply_watermark(decoded) if watermark else decoded,
+                                                      output_type=output_type)
+        else:
+            images = [self.image_processor.apply_overlay(mask_image, image, drawn, crops_coords)
+                      for drawn in self.image_processor.postprocess(self.decode_latents(latents))]
+            if watermark:
+                images = self.image_processor.postprocess(apply_watermark(self.pil_to_decoded(images)))
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 

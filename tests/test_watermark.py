@@ -18,10 +18,14 @@ import pytest
 import pywt
 import skimage.data
 import torch
+from diffusers import AutoencoderKL
 from diffusers.pipelines.stable_diffusion_xl.watermark import WATERMARK_BITS, StableDiffusionXLWatermarker
 from imwatermark import WatermarkDecoder
 from PIL import Image
 
+from tests.conftest import TINY_VAE
+
+from ldm.pipeline import LatentDiffusionPipeline
 from ldm.watermark import MATCH_THRESHOLD, apply_watermark, is_marked, main, matched_bits, read_watermark
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -193,3 +197,53 @@ def test_detect_command(tmp_path, capsys):
 
     assert main(["detect", text]) == 2
     assert f"cannot read {text}: cannot identify image file" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- in the pipeline and generate.py
+
+
+@pytest.fixture
+def tiny_pipe(tiny_components):
+    """The tiny pipeline with an f = 8 VAE, so that 256 px images are 32×32 latents: at the usual f = 2,
+    the UNet's self-attention over 128×128 latents takes half a minute."""
+    torch.manual_seed(0)
+    vae = AutoencoderKL.from_config(dict(TINY_VAE, down_block_types=["DownEncoderBlock2D"] * 4,
+                                         up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[8, 8, 16, 16]))
+    pipe = LatentDiffusionPipeline(**dict(tiny_components, vae=vae.eval()))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_the_pipeline_marks_decoded_images_when_asked(tiny_pipe):
+    args = dict(prompt="red heart", num_inference_steps=2, height=256, width=256, num_images_per_prompt=2)
+    marked = tiny_pipe(**args, watermark=True, generator=torch.Generator().manual_seed(0)).images
+    plain = tiny_pipe(**args, generator=torch.Generator().manual_seed(0)).images
+    assert all(is_marked(image) for image in marked)
+    assert not any(is_marked(image) for image in plain)
+    # the mark is small: the images are otherwise the same draw
+    assert np.abs(np.asarray(marked[0], float) - np.asarray(plain[0], float)).mean() < 3
+    with pytest.raises(ValueError, match="output_type 'latent' decodes none"):
+        tiny_pipe(**args, watermark=True, output_type="latent")
+
+
+def test_an_inpainted_crop_is_marked_after_it_is_pasted_back(tiny_pipe):
+    image = Image.fromarray(PHOTOGRAPHS["coffee"]())
+    mask = Image.new("L", image.size, 0)
+    mask.paste(255, (100, 100, 140, 130))
+    drawn = tiny_pipe("red heart", image=image, mask_image=mask, padding_mask_crop=4, num_inference_steps=2,
+                      watermark=True, generator=torch.Generator().manual_seed(0)).images[0]
+    assert drawn.size == (256, 256) and is_marked(drawn)
+
+
+def test_generate_py_marks_its_pngs_and_says_so_in_them(tiny_pipe, tmp_path, caplog):
+    from ldm.generate import main as generate_main
+    tiny_pipe.save_pretrained(tmp_path / "pipeline")
+    common = ["--model", str(tmp_path / "pipeline"), "--prompt", "red heart", "--num_inference_steps", "2",
+              "--watermark"]
+    assert generate_main([*common, "--height", "256", "--width", "256", "--output_dir", str(tmp_path / "big")]) == 0
+    png = tmp_path / "big" / "0000-red-heart-seed0.png"
+    assert Image.open(png).text["watermark"] == "True" and is_marked(png)
+    with caplog.at_level(logging.WARNING, logger="ldm"):
+        assert generate_main([*common, "--output_dir", str(tmp_path / "small")]) == 0  # the model's 64 px
+    assert caplog.text.count("the images will be written unmarked: 64 px wide") == 1
+    assert Image.open(tmp_path / "small" / "0000-red-heart-seed0.png").text["watermark"] == "False"
