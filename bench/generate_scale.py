@@ -1,6 +1,6 @@
 """generate.py's throughput with 1 and 2 processes under `accelerate launch`, threads fixed per process.
 
-    python bench/generate_scale.py [--model outputs/unet-demo] [--images 64] [--batch_size 8]
+    python bench/generate_scale.py [--model outputs/unet-demo] [--images 256] [--batch_size 8]
                                    [--steps 30] [--rounds 2]
 
 Each run draws `--images` images (one per prompt, the demo's prompts cycled) with OMP_NUM_THREADS=1
@@ -54,7 +54,7 @@ def run(setup: str, args: argparse.Namespace, prompts: str, out: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="outputs/unet-demo")
-    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=2)
