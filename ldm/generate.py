@@ -25,13 +25,14 @@ from typing import Literal
 
 import torch
 from accelerate import PartialState
-from PIL import Image
+from PIL import Image, ImageOps
 from PIL.PngImagePlugin import PngInfo
 from transformers import HfArgumentParser
 
+from ldm.chunks import partial_name
 from ldm.data import open_rgb
 from ldm.hub import HubError, find_model, is_hub_id, named_revision, read_distillation
-from ldm.pipeline import LatentDiffusionPipeline, edit_steps
+from ldm.pipeline import LatentDiffusionPipeline, binary_mask, default_strength, edit_steps
 from ldm.schedulers import resolve_scheduler, scheduler_name
 from ldm.watermark import size_problem
 
@@ -61,7 +62,9 @@ class GenerateConfig:
     num_images_per_prompt: int = field(default=1, metadata={"help": "Images drawn for each prompt."})
     batch_size: int = field(default=8, metadata={
         "help": "Images per pipeline call, in the order of their index; also the unit shared out between "
-                "processes under `accelerate launch`."})
+                "processes under `accelerate launch`. An inpainted image depends on its batch (diffusers' "
+                "inpainting samples the image's latents with the batch's first generator): redraw it with the "
+                "same --batch_size."})
     init_image: str | None = field(default=None, metadata={
         "help": "An image file to edit (image-to-image), instead of drawing from noise."})
     strength: float | None = field(default=None, metadata={
@@ -71,9 +74,12 @@ class GenerateConfig:
         "help": "With --init_image: repaint only where this mask (same size) is white; keep where it is black."})
     padding_mask_crop: int | None = field(default=None, metadata={
         "help": "With --mask_image: inpaint only a crop around the mask, widened by this many pixels, at the "
-                "model's resolution, and paste it back; every pixel outside the mask stays the original's."})
+                "model's resolution, and paste it back; every pixel outside the mask stays the original's "
+                "(unless --watermark)."})
     height: int | None = field(default=None, metadata={
-        "help": "Image height in pixels, a multiple of the VAE factor. Default: the model's native size."})
+        "help": "Image height in pixels, a multiple of the VAE factor. Default: the model's native size, or for "
+                "an edit the --init_image's (rounded down to the factor); with --padding_mask_crop, the size the "
+                "crop is drawn at."})
     width: int | None = field(default=None, metadata={"help": "Image width in pixels; as --height."})
     output_dir: str = field(default="samples", metadata={"help": "Where the PNGs and grid.png go."})
     revision: str | None = field(default=None, metadata={"help": "Hub branch, tag or commit of --model."})
@@ -85,7 +91,8 @@ class GenerateConfig:
     vae_tiling: bool = field(default=False, metadata={"help": "Decode in overlapping tiles, for large images."})
     watermark: bool = field(default=False, metadata={
         "help": "Mark the images with diffusers' SDXL invisible watermark (read it with `python -m ldm.watermark "
-                "detect`). Images narrower than 256 px cannot carry it and are written unmarked."})
+                "detect`). Images narrower than 256 px, or under 256×256 pixels, cannot carry it and are written "
+                "unmarked."})
 
 
 def parse_args(argv: list[str] | None = None) -> GenerateConfig:
@@ -152,24 +159,36 @@ def read_edit_inputs(config: GenerateConfig) -> EditInputs | None:
     """--init_image and --mask_image opened (transparency composited on white), or None without them."""
     if config.init_image is None:
         return None
-    image, metadata = open_input(config.init_image, "init_image")
+    image, metadata = open_input(config.init_image, "init_image", open_rgb)
     mask = None
     if config.mask_image is not None:
-        mask, mask_metadata = open_input(config.mask_image, "mask_image")
-        mask = mask.convert("L")
+        mask, mask_metadata = open_input(config.mask_image, "mask_image", open_mask)
         metadata.update(mask_metadata)
+        if binary_mask(mask).getbbox() is None:
+            raise ValueError(f"--mask_image {config.mask_image} is black everywhere: nothing to repaint (white marks "
+                             "what to repaint, black what to keep)")
         if mask.size != image.size:
             raise ValueError(f"--mask_image {config.mask_image} is {mask.width}×{mask.height} pixels but --init_image "
                              f"{config.init_image} is {image.width}×{image.height}; they must be the same size")
     return EditInputs(image, mask, metadata)
 
 
-def open_input(path: str, flag: str) -> tuple[Image.Image, dict[str, str]]:
-    """An input image and its file name and sha256, for the PNGs' text chunks."""
+def open_mask(path: str) -> Image.Image:
+    """A mask in grey levels. Transparency counts as black (keep), so a white stroke painted on a
+    transparent layer marks just the stroke."""
+    picture = ImageOps.exif_transpose(Image.open(path))
+    if picture.mode in ("RGBA", "LA", "PA") or (picture.mode == "P" and "transparency" in picture.info):
+        rgba = picture.convert("RGBA")
+        picture = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
+    return picture.convert("L")
+
+
+def open_input(path: str, flag: str, opener) -> tuple[Image.Image, dict[str, str]]:
+    """An input image, opened by `opener`, and its file name and sha256, for the PNGs' text chunks."""
     if not os.path.isfile(path):
         raise ValueError(f"--{flag} {path} does not exist")
     try:
-        image = open_rgb(path)
+        image = opener(path)
     except (OSError, ValueError) as error:
         raise ValueError(f"--{flag} {path} is not a readable image: {error}") from None
     with open(path, "rb") as file:
@@ -192,9 +211,7 @@ def check_edit(pipe: LatentDiffusionPipeline, edit: EditInputs, config: Generate
 
 def edit_strength(config: GenerateConfig) -> float:
     """--strength, or the pipeline's default for the kind of edit."""
-    if config.strength is not None:
-        return config.strength
-    return 1.0 if config.mask_image is not None else 0.8
+    return config.strength if config.strength is not None else default_strength(config.mask_image is not None)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -329,7 +346,10 @@ def generate(pipe: LatentDiffusionPipeline, prompts: list[str], config: Generate
     state = state or PartialState()
     jobs = image_jobs(prompts, config)
     batches = [jobs[i:i + config.batch_size] for i in range(0, len(jobs), config.batch_size)]
-    staging = tempfile.mkdtemp(prefix="generate-")
+    # Staged beside the output folder, on its file system, so that each file's move is a rename.
+    parent = os.path.dirname(os.path.abspath(config.output_dir))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".generate-", dir=parent)
     try:
         with state.split_between_processes(batches) as share:
             if state.num_processes > 1:  # diffusers shows only the first process's progress bar
@@ -341,7 +361,7 @@ def generate(pipe: LatentDiffusionPipeline, prompts: list[str], config: Generate
         state.wait_for_everyone()
         os.makedirs(config.output_dir, exist_ok=True)
         for name in os.listdir(staging):
-            shutil.move(os.path.join(staging, name), os.path.join(config.output_dir, name))
+            os.replace(os.path.join(staging, name), os.path.join(config.output_dir, name))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     state.wait_for_everyone()
@@ -398,7 +418,7 @@ def write_grid(paths: list[str], images_per_prompt: int, edit: EditInputs | None
     images = [Image.open(path).convert("RGB") for path in paths]
     if edit is not None:
         images, images_per_prompt = with_input_column(images, images_per_prompt, input_picture(edit, images[0].size))
-    partial = grid + ".partial"
+    partial = partial_name(grid)
     contact_sheet(images, images_per_prompt).save(partial, format="PNG")
     os.replace(partial, grid)
 

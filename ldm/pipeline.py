@@ -130,9 +130,9 @@ class LatentDiffusionPipeline(DiffusionPipeline):
             if not isinstance(size, int) or size <= 0 or size % self.vae_scale_factor:
                 raise ValueError(f"{name} {size} is not a positive multiple of the VAE factor "
                                  f"{self.vae_scale_factor}")
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        if not _is_positive_int(num_inference_steps):
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+        if not _is_positive_int(num_images_per_prompt):
             raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
         if not 0.0 <= guidance_rescale <= 1.0:
             raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
@@ -242,16 +242,16 @@ class LatentDiffusionPipeline(DiffusionPipeline):
                              "not both")
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
-        steps = edit_steps(num_inference_steps, strength)
-        if steps < 1:
+        steps = edit_steps(num_inference_steps, strength) if _is_positive_int(num_inference_steps) else 1
+        if steps < 1:  # (a bad num_inference_steps is check_inputs' to report)
             raise ValueError(f"strength {strength} of {num_inference_steps} steps leaves {steps} steps to run; "
                              f"raise strength to at least 1/num_inference_steps = {1 / num_inference_steps:.3g}")
-        width, height = image_size(image, "image")
+        width, height = image_size(image, "image", channels=3)
         if min(width, height) < self.vae_scale_factor:
             raise ValueError(f"`image` is {width}×{height} pixels, smaller than one latent pixel "
                              f"({self.vae_scale_factor}×{self.vae_scale_factor})")
-        if mask_image is not None and image_size(mask_image, "mask_image") != (width, height):
-            mask_width, mask_height = image_size(mask_image, "mask_image")
+        if mask_image is not None and image_size(mask_image, "mask_image", channels=1) != (width, height):
+            mask_width, mask_height = image_size(mask_image, "mask_image", channels=1)
             raise ValueError(f"`mask_image` is {mask_width}×{mask_height} pixels but `image` is {width}×{height}; "
                              "they must be the same size")
         if padding_mask_crop is not None:
@@ -262,6 +262,9 @@ class LatentDiffusionPipeline(DiffusionPipeline):
             if output_type != "pil":
                 raise ValueError(f"`padding_mask_crop` pastes onto the PIL image, so output_type must be 'pil', "
                                  f"got {output_type!r}")
+            if binary_mask(mask_image).getbbox() is None:
+                raise ValueError("`mask_image` is black everywhere, so there is no region to crop around; white "
+                                 "marks what to repaint")
             if not isinstance(padding_mask_crop, int) or padding_mask_crop < 0:
                 raise ValueError(f"padding_mask_crop must be a number of pixels >= 0, got {padding_mask_crop!r}")
 
@@ -392,11 +395,13 @@ class LatentDiffusionPipeline(DiffusionPipeline):
 
         image: one image (PIL, H×W×C array in [0, 1], or C×H×W tensor) to edit for every prompt.
         mask_image: with `image`, the region to repaint (white) and to keep (black), the same size.
-        strength: how far into the noise an edit starts: 1 redraws from pure noise, small values keep
-            more of the image; int(num_inference_steps × strength) steps run. Default 0.8 for
+        strength: how far into the noise an edit starts: int(num_inference_steps × strength) steps run,
+            from the image noised to the first of them (at 1, all steps, from nearly pure noise; pure
+            noise for inpainting); small values keep more of the image. Default 0.8 for
             image-to-image and 1.0 for inpainting, as in diffusers.
-        padding_mask_crop: inpaint only a crop around the mask, widened by this many pixels, at full
-            resolution, and paste it back: everything outside the mask stays the original's pixels.
+        padding_mask_crop: inpaint only a crop around the mask, widened by this many pixels (then to the
+            aspect ratio of height × width), drawn at height × width and pasted back: everything outside
+            the mask stays the original's pixels (but for the watermark, when asked for).
         guidance_scale: classifier-free guidance weight w; 1 or less skips the unconditional pass. A
             distilled UNet (one with `time_cond_proj_dim`) takes w as an input and runs once per step.
         guidance_rescale: φ of "Common Diffusion Noise Schedules and Sample Steps are Flawed"
@@ -416,7 +421,7 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         # 1. Check inputs.
         inpainting = mask_image is not None
         if image is not None and strength is None:
-            strength = 1.0 if inpainting else 0.8
+            strength = default_strength(inpainting)
         self.check_edit_inputs(image, mask_image, strength, padding_mask_crop, num_inference_steps, latents,
                                output_type)
         if watermark and output_type == "latent":
@@ -511,6 +516,10 @@ def rescale_guidance(guided: torch.Tensor, conditional: torch.Tensor, phi: float
     return phi * rescaled + (1.0 - phi) * guided
 
 
+def _is_positive_int(value) -> bool:
+    return isinstance(value, int) and value >= 1
+
+
 def _as_list(text: str | list[str]) -> list[str]:
     return [text] if isinstance(text, str) else list(text)
 
@@ -520,24 +529,42 @@ def _is_text_or_texts(value) -> bool:
                                       and all(isinstance(v, str) for v in value))
 
 
+def default_strength(inpainting: bool) -> float:
+    """diffusers' defaults: its inpaint pipeline redraws the masked region from pure noise."""
+    return 1.0 if inpainting else 0.8
+
+
+def binary_mask(mask: PIL.Image.Image) -> PIL.Image.Image:
+    """A PIL mask binarised at 0.5, as the pipeline reads it: 255 = repaint."""
+    return mask.convert("L").point(lambda value: 255 if value >= 128 else 0)
+
+
 def edit_steps(num_inference_steps: int, strength: float) -> int:
     """How many steps an edit at `strength` runs, rounded as diffusers rounds."""
     return min(int(num_inference_steps * strength), num_inference_steps)
 
 
-def image_size(image, name: str) -> tuple[int, int]:
-    """(width, height) of one image: a PIL image, an H×W or H×W×C array, or a C×H×W tensor (each
-    optionally with a leading batch of one)."""
+def image_size(image, name: str, channels: int) -> tuple[int, int]:
+    """(width, height) of one image: a PIL image, an H×W×C array in [0, 1] or a C×H×W tensor (each
+    optionally with a leading batch of one), with `channels` channels (3: RGB; 1: a mask, which may
+    also be a PIL image of any mode or an H×W array or tensor)."""
     if isinstance(image, PIL.Image.Image):
+        if channels == 3 and image.mode != "RGB":
+            raise ValueError(f"`{name}` is a {image.mode} image; pass an RGB one (image.convert('RGB'))")
         return image.size
     shape = tuple(getattr(image, "shape", ()))
-    if isinstance(image, torch.Tensor) and len(shape) in (3, 4) and (len(shape) == 3 or shape[0] == 1):
-        return shape[-1], shape[-2]
-    if isinstance(image, np.ndarray) and (image.ndim in (2, 3) or (image.ndim == 4 and shape[0] == 1)):
-        height, width = shape[1:3] if image.ndim == 4 else shape[:2]
-        return width, height
-    raise ValueError(f"`{name}` must be one image: a PIL image, an H×W×C array or a C×H×W tensor, got "
-                     f"{type(image).__name__} {shape or ''}".rstrip())
+    if isinstance(image, (torch.Tensor, np.ndarray)) and len(shape) == 4 and shape[0] == 1:
+        shape = shape[1:]
+    if isinstance(image, torch.Tensor) and (len(shape) == 3 or (channels == 1 and len(shape) == 2)):
+        found, (height, width) = (shape[0] if len(shape) == 3 else 1), shape[-2:]
+    elif isinstance(image, np.ndarray) and (len(shape) == 3 or (channels == 1 and len(shape) == 2)):
+        found, (height, width) = (shape[2] if len(shape) == 3 else 1), shape[:2]
+    else:
+        raise ValueError(f"`{name}` must be one image: a PIL image, an H×W×C array or a C×H×W tensor, got "
+                         f"{type(image).__name__} {shape or ''}".rstrip())
+    if found != channels:
+        raise ValueError(f"`{name}` has {found} channels; it must have {channels}")
+    return width, height
 
 
 def _as_batch(image):

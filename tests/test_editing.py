@@ -76,13 +76,15 @@ def test_image_to_image_with_one_generator_draws_as_diffusers(name, tiny_compone
     assert np.abs(a - b).max() <= 1e-4
 
 
+@pytest.mark.parametrize("generator_list", [True, False])
 @pytest.mark.parametrize("name", SAMPLERS)
 @pytest.mark.parametrize("strength", [0.3, 0.75, 1.0])
-def test_inpainting_draws_as_stable_diffusion_inpaint(name, strength, tiny_components, tiny_scheduler):
+def test_inpainting_draws_as_stable_diffusion_inpaint(name, strength, generator_list, tiny_components,
+                                                      tiny_scheduler):
     ours, theirs = ours_and_diffusers(StableDiffusionInpaintPipeline, tiny_components, sd_v1_config(tiny_scheduler),
                                       name)
-    a, b = both_draw(ours, theirs, generator_list=True, image=picture(16), mask_image=square_mask(16, (4, 4, 12, 10)),
-                     strength=strength, output_type="np")
+    a, b = both_draw(ours, theirs, generator_list=generator_list, image=picture(16),
+                     mask_image=square_mask(16, (4, 4, 12, 10)), strength=strength, output_type="np")
     assert a.shape == (4, 16, 16, 3)
     assert np.abs(a - b).max() <= 1e-4
 
@@ -138,13 +140,23 @@ def test_inpainting_keeps_the_unmasked_latents_and_redraws_the_masked(tiny_compo
     (dict(padding_mask_crop=4), "`padding_mask_crop` crops around the mask: pass `mask_image=` too"),
     (dict(image=[picture(16), picture(16)]), "`image` must be one image"),
     (dict(latents=torch.zeros(1, 4, 8, 8)), "not both"),
+    (dict(image=picture(16).convert("RGBA")), "`image` is a RGBA image; pass an RGB one"),
+    (dict(image=torch.zeros(4, 16, 16)), "`image` has 4 channels; it must have 3"),
+    (dict(image=np.zeros((16, 16))), "`image` must be one image"),
+    (dict(mask_image=torch.zeros(3, 16, 16)), "`mask_image` has 3 channels; it must have 1"),
+    (dict(mask_image=square_mask(16, (0, 0, 0, 0)), padding_mask_crop=2), "`mask_image` is black everywhere"),
+    (dict(num_inference_steps=0), "num_inference_steps must be a positive integer, got 0"),
 ])
 def test_bad_edit_inputs_fail_before_any_model_runs(kwargs, message, tiny_components):
     pipe = LatentDiffusionPipeline(**tiny_components)
     calls = []
-    pipe.vae.register_forward_pre_hook(lambda *args: calls.append(1))  # not even the encoder may run
+    for model in (pipe.vae.encoder, pipe.text_encoder, pipe.unet):  # none may run
+        model.register_forward_pre_hook(lambda *args: calls.append(1))
     args = dict(prompt="red heart", image=picture(16), num_inference_steps=4)
     with pytest.raises(ValueError) as raised:
         pipe(**{**args, **kwargs})
     assert message in str(raised.value)
     assert not calls
+    pipe.set_progress_bar_config(disable=True)
+    pipe(**args)
+    assert calls  # the hooks do see a run

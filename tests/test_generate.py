@@ -212,14 +212,36 @@ def test_a_crop_edit_records_its_padding_and_keeps_the_size(model_dir, tmp_path,
 
 
 def test_image_to_image_defaults_to_strength_0_8(model_dir, tmp_path, init_image):
-    assert run_main(model_dir, tmp_path / "out", "--prompt", "red heart", "--init_image", str(init_image)) == 0
-    assert Image.open(tmp_path / "out" / "0000-red-heart-seed0.png").text["strength"] == "0.8"
+    assert run_main(model_dir, tmp_path / "out", "--prompt", "red heart", "--init_image", str(init_image),
+                    "--num_inference_steps", "5") == 0
+    png = tmp_path / "out" / "0000-red-heart-seed0.png"
+    assert Image.open(png).text["strength"] == "0.8"
+    pipe = LatentDiffusionPipeline.from_pretrained(model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    args = dict(prompt=["red heart"], image=Image.open(init_image).convert("RGB"), num_inference_steps=5,
+                generator=[torch.Generator().manual_seed(0)])
+    assert np.abs(pixels(png) - np.asarray(pipe(**args, strength=0.8).images[0], dtype=np.int16)).max() <= 1
+    assert np.abs(pixels(png) - np.asarray(pipe(**args, strength=0.6).images[0], dtype=np.int16)).max() > 1
+
+
+def test_a_transparent_mask_layer_keeps_what_is_transparent(model_dir, tmp_path, init_image):
+    stroke = Image.new("RGBA", (20, 20), (0, 0, 0, 0))
+    stroke.paste((255, 255, 255, 255), (4, 4, 12, 12))
+    stroke.save(tmp_path / "stroke.png")
+    assert run_main(model_dir, tmp_path / "out", "--prompt", "red heart", "--init_image", str(init_image),
+                    "--mask_image", str(tmp_path / "stroke.png"), "--padding_mask_crop", "0") == 0
+    result, original = pixels(tmp_path / "out" / "0000-red-heart-seed0.png"), pixels(init_image)
+    outside = np.ones((20, 20), bool)
+    outside[4:12, 4:12] = False
+    np.testing.assert_array_equal(result[outside], original[outside])
+    assert np.abs(result[~outside] - original[~outside]).mean() > 5
 
 
 def bad_edit_inputs(tmp_path, init_image, mask_image):
     (tmp_path / "broken.png").write_bytes(b"not a png")
     square_mask(16, (0, 0, 4, 4)).save(tmp_path / "small_mask.png")
     Image.new("RGB", (1, 1)).save(tmp_path / "dot.png")
+    Image.new("L", (20, 20), 0).save(tmp_path / "black.png")
     return [
         (["--init_image", str(tmp_path / "none.png")], f"--init_image {tmp_path / 'none.png'} does not exist"),
         (["--init_image", str(tmp_path / "broken.png")], f"--init_image {tmp_path / 'broken.png'} is not a readable "
@@ -236,6 +258,8 @@ def bad_edit_inputs(tmp_path, init_image, mask_image):
         (["--init_image", str(init_image), "--mask_image", str(mask_image), "--padding_mask_crop", "-1"],
          "--padding_mask_crop must be a number of pixels >= 0, got -1"),
         (["--batch_size", "0"], "--batch_size must be at least 1, got 0"),
+        (["--init_image", str(init_image), "--mask_image", str(tmp_path / "black.png")],
+         "black.png is black everywhere: nothing to repaint"),
     ]
 
 
