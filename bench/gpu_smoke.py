@@ -15,7 +15,8 @@ passed or failed, then a table with the seconds each took:
 - train_unet.py in fp16 and in bf16 on those caches: the 355.7M-parameter UNet of
   configs/unet/sd_f8_256.yaml (batch 8, a few steps);
 - train_unet.py --streaming: the same, the data streamed (the encoders in the step, on the GPU);
-- generate.py in float16 from the trained pipeline (256 px, 10 steps, guidance 7.5).
+- generate.py in float16 from the trained pipeline (256 px, 10 steps, guidance 7.5);
+- generate.py inpainting one of those images (the VAE's encoder at sampling time), watermarked.
 
 Without CUDA it says so and exits 0 (`--rehearse` runs the same commands on the CPU, at 64 px and
 in bf16 only, to check the script itself).
@@ -32,6 +33,7 @@ import time
 
 import torch
 import yaml
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLIP_VIT_L_TEXT = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
@@ -102,12 +104,27 @@ def main() -> int:
             *unet_common, "--streaming", "--mixed_precision", precisions[-1],
             "--text_encoder_name_or_path", pipelines[0],
             "--output_dir", os.path.join(args.out, "unet-streaming")], results)
-        run("generate.py float16" if not args.rehearse else "generate.py bfloat16", [
-            "generate.py", "--model", pipelines[0], "--prompt", "grinning face", "--num_images_per_prompt", "2",
-            "--num_inference_steps", "10", "--guidance_scale", "7.5", "--device", "auto",
-            "--dtype", "bfloat16" if args.rehearse else "float16", "--output_dir", os.path.join(args.out, "samples")],
-            results)
+        dtype = "bfloat16" if args.rehearse else "float16"
+        samples = os.path.join(args.out, "samples")
+        if run(f"generate.py {dtype}", [
+                "generate.py", "--model", pipelines[0], "--prompt", "grinning face", "--num_images_per_prompt", "2",
+                "--num_inference_steps", "10", "--guidance_scale", "7.5", "--device", "auto", "--dtype", dtype,
+                "--output_dir", samples], results):
+            run(f"generate.py inpainting + watermark {dtype}", [
+                "generate.py", "--model", pipelines[0], "--prompt", "thumbs up", "--num_inference_steps", "10",
+                "--init_image", os.path.join(samples, "0000-grinning-face-seed0.png"), "--watermark",
+                "--mask_image", centre_mask(args.out, resolution), "--device", "auto", "--dtype", dtype,
+                "--output_dir", os.path.join(args.out, "inpainted")], results)
     return summary(results)
+
+
+def centre_mask(out: str, size: int) -> str:
+    """A mask file that repaints the middle half of a `size`-pixel square image."""
+    mask = Image.new("L", (size, size), 0)
+    mask.paste(255, (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
+    path = os.path.join(out, "centre_mask.png")
+    mask.save(path)
+    return path
 
 
 def offline_unet_config(out: str, text_config: str) -> str:
