@@ -8,8 +8,7 @@ from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipe
 from PIL import Image
 
 from ldm.pipeline import LatentDiffusionPipeline
-from ldm.schedulers import make_scheduler
-from tests.test_pipeline import NEGATIVES, PROMPTS, sd_v1_config
+from tests.test_pipeline import NEGATIVES, PROMPTS, both_pipelines, sd_v1_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -31,15 +30,6 @@ def square_mask(size: int, box: tuple[int, int, int, int]) -> Image.Image:
     return mask
 
 
-def ours_and_diffusers(diffusers_class, components, scheduler_config, name):
-    ours = LatentDiffusionPipeline(**dict(components, scheduler=make_scheduler(name, scheduler_config)))
-    theirs = diffusers_class(**dict(components, scheduler=make_scheduler(name, scheduler_config)),
-                             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    for pipe in (ours, theirs):
-        pipe.set_progress_bar_config(disable=True)
-    return ours, theirs
-
-
 def generators(count: int, seed: int = 7) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(seed + i) for i in range(count)]
 
@@ -58,8 +48,7 @@ def both_draw(ours, theirs, generator_list: bool, **args):
 @pytest.mark.parametrize("name", SAMPLERS)
 @pytest.mark.parametrize("strength", [0.3, 0.75, 1.0])
 def test_image_to_image_draws_as_stable_diffusion_img2img(name, strength, tiny_components, tiny_scheduler):
-    ours, theirs = ours_and_diffusers(StableDiffusionImg2ImgPipeline, tiny_components, sd_v1_config(tiny_scheduler),
-                                      name)
+    ours, theirs = both_pipelines(tiny_components, sd_v1_config(tiny_scheduler), name, StableDiffusionImg2ImgPipeline)
     a, b = both_draw(ours, theirs, generator_list=True, image=picture(16), strength=strength, output_type="np")
     assert a.shape == (4, 16, 16, 3)
     assert np.abs(a - b).max() <= 1e-4
@@ -70,8 +59,7 @@ def test_image_to_image_draws_as_stable_diffusion_img2img(name, strength, tiny_c
 @pytest.mark.filterwarnings("ignore:You have passed 4 text prompts:FutureWarning")  # diffusers' own, on one image
 def test_image_to_image_with_one_generator_draws_as_diffusers(name, tiny_components, tiny_scheduler):
     """Also the samplers that keep a step index (Heun repeats its timesteps) start where the edit starts."""
-    ours, theirs = ours_and_diffusers(StableDiffusionImg2ImgPipeline, tiny_components, sd_v1_config(tiny_scheduler),
-                                      name)
+    ours, theirs = both_pipelines(tiny_components, sd_v1_config(tiny_scheduler), name, StableDiffusionImg2ImgPipeline)
     a, b = both_draw(ours, theirs, generator_list=False, image=picture(16), strength=0.75, output_type="np")
     assert np.abs(a - b).max() <= 1e-4
 
@@ -81,8 +69,7 @@ def test_image_to_image_with_one_generator_draws_as_diffusers(name, tiny_compone
 @pytest.mark.parametrize("strength", [0.3, 0.75, 1.0])
 def test_inpainting_draws_as_stable_diffusion_inpaint(name, strength, generator_list, tiny_components,
                                                       tiny_scheduler):
-    ours, theirs = ours_and_diffusers(StableDiffusionInpaintPipeline, tiny_components, sd_v1_config(tiny_scheduler),
-                                      name)
+    ours, theirs = both_pipelines(tiny_components, sd_v1_config(tiny_scheduler), name, StableDiffusionInpaintPipeline)
     a, b = both_draw(ours, theirs, generator_list=generator_list, image=picture(16),
                      mask_image=square_mask(16, (4, 4, 12, 10)), strength=strength, output_type="np")
     assert a.shape == (4, 16, 16, 3)
@@ -93,8 +80,7 @@ def test_inpainting_draws_as_stable_diffusion_inpaint(name, strength, generator_
 @pytest.mark.parametrize("strength", [0.3, 0.75, 1.0])
 def test_inpainting_a_crop_around_the_mask_draws_as_diffusers(name, strength, tiny_components, tiny_scheduler):
     """padding_mask_crop: the crop around the mask is drawn at the model's size and pasted back."""
-    ours, theirs = ours_and_diffusers(StableDiffusionInpaintPipeline, tiny_components, sd_v1_config(tiny_scheduler),
-                                      name)
+    ours, theirs = both_pipelines(tiny_components, sd_v1_config(tiny_scheduler), name, StableDiffusionInpaintPipeline)
     image, mask = picture(40), square_mask(40, (20, 8, 30, 16))
     a, b = both_draw(ours, theirs, generator_list=name != "ddim", image=image, mask_image=mask, strength=strength,
                      padding_mask_crop=2)

@@ -23,12 +23,12 @@ def sd_v1_config(tiny_scheduler):
     return make_scheduler("ddim", tiny_scheduler.config).from_config(tiny_scheduler.config, steps_offset=1).config
 
 
-def both_pipelines(components, scheduler_config, name):
-    """Ours and diffusers' StableDiffusionPipeline on the same components, each with its own
-    (stateful) scheduler instance built from the same config."""
+def both_pipelines(components, scheduler_config, name, diffusers_class=StableDiffusionPipeline):
+    """Ours and diffusers' `diffusers_class` on the same components, each with its own (stateful)
+    scheduler instance built from the same config."""
     ours = LatentDiffusionPipeline(**dict(components, scheduler=make_scheduler(name, scheduler_config)))
-    theirs = StableDiffusionPipeline(**dict(components, scheduler=make_scheduler(name, scheduler_config)),
-                                     safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    theirs = diffusers_class(**dict(components, scheduler=make_scheduler(name, scheduler_config)),
+                             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     for pipe in (ours, theirs):
         pipe.set_progress_bar_config(disable=True)
     return ours, theirs
