@@ -110,19 +110,20 @@ def main() -> int:
                 "generate.py", "--model", pipelines[0], "--prompt", "grinning face", "--num_images_per_prompt", "2",
                 "--num_inference_steps", "10", "--guidance_scale", "7.5", "--device", "auto", "--dtype", dtype,
                 "--output_dir", samples], results):
+            image = os.path.join(samples, "0000-grinning-face-seed0.png")
             run(f"generate.py inpainting + watermark {dtype}", [
                 "generate.py", "--model", pipelines[0], "--prompt", "thumbs up", "--num_inference_steps", "10",
-                "--init_image", os.path.join(samples, "0000-grinning-face-seed0.png"), "--watermark",
-                "--mask_image", centre_mask(args.out, resolution), "--device", "auto", "--dtype", dtype,
-                "--output_dir", os.path.join(args.out, "inpainted")], results)
+                "--init_image", image, "--mask_image", centre_mask(image), "--watermark", "--device", "auto",
+                "--dtype", dtype, "--output_dir", os.path.join(args.out, "inpainted")], results)
     return summary(results)
 
 
-def centre_mask(out: str, size: int) -> str:
-    """A mask file that repaints the middle half of a `size`-pixel square image."""
-    mask = Image.new("L", (size, size), 0)
-    mask.paste(255, (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
-    path = os.path.join(out, "centre_mask.png")
+def centre_mask(image: str) -> str:
+    """A mask file beside `image` that repaints the middle half of it."""
+    width, height = Image.open(image).size
+    mask = Image.new("L", (width, height), 0)
+    mask.paste(255, (width // 4, height // 4, 3 * width // 4, 3 * height // 4))
+    path = os.path.splitext(image)[0] + "-mask.png"
     mask.save(path)
     return path
 
