@@ -15,7 +15,10 @@ passed or failed, then a table with the seconds each took:
 - train_unet.py in fp16 and in bf16 on those caches: the 355.7M-parameter UNet of
   configs/unet/sd_f8_256.yaml (batch 8, a few steps);
 - train_unet.py --streaming: the same, the data streamed (the encoders in the step, on the GPU);
-- generate.py in float16 from the trained pipeline (256 px, 10 steps, guidance 7.5).
+- generate.py in float16 from the trained pipeline (256 px, 10 steps, guidance 7.5);
+- train_unet.py --lora_rank in fp16 on that pipeline (adapters on the UNet's attention projections and
+  convolutions and on the text encoder; float32 adapters under the gradient scaler), then
+  generate.py --lora in float16.
 
 Without CUDA it says so and exits 0 (`--rehearse` runs the same commands on the CPU, at 64 px and
 in bf16 only, to check the script itself).
@@ -107,6 +110,18 @@ def main() -> int:
             "--num_inference_steps", "10", "--guidance_scale", "7.5", "--device", "auto",
             "--dtype", "bfloat16" if args.rehearse else "float16", "--output_dir", os.path.join(args.out, "samples")],
             results)
+        lora = os.path.join(args.out, "lora")
+        if run(f"train_unet.py --lora_rank {precisions[0]}", [
+                "train_unet.py", *data, "--pretrained_model_name_or_path", pipelines[0], "--lora_rank", "8",
+                "--lora_target_modules", "to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2",
+                "--train_text_encoder_lora", "--use_ema", "--max_train_samples", "64", "--train_batch_size", "8",
+                "--mixed_precision", precisions[0], "--validation_prompts", "grinning face",
+                "--validation_inference_steps", "5", "--output_dir", lora], results):
+            run("generate.py --lora", [
+                "generate.py", "--model", pipelines[0], "--lora", lora, "--lora_scale", "0.8", "--prompt",
+                "grinning face", "--num_inference_steps", "10", "--device", "auto",
+                "--dtype", "bfloat16" if args.rehearse else "float16",
+                "--output_dir", os.path.join(args.out, "lora-samples")], results)
     return summary(results)
 
 
