@@ -16,7 +16,10 @@ passed or failed, then a table with the seconds each took:
   configs/unet/sd_f8_256.yaml (batch 8, a few steps);
 - train_unet.py --streaming: the same, the data streamed (the encoders in the step, on the GPU);
 - generate.py in float16 from the trained pipeline (256 px, 10 steps, guidance 7.5);
-- generate.py inpainting one of those images (the VAE's encoder at sampling time), watermarked.
+- generate.py inpainting one of those images (the VAE's encoder at sampling time), watermarked;
+- train_unet.py --lora_rank in fp16 on that pipeline (adapters on the UNet's attention projections and
+  convolutions and on the text encoder; float32 adapters under the gradient scaler), then
+  generate.py --lora in float16.
 
 Without CUDA it says so and exits 0 (`--rehearse` runs the same commands on the CPU, at 64 px and
 in bf16 only, to check the script itself).
@@ -115,6 +118,17 @@ def main() -> int:
                 "generate.py", "--model", pipelines[0], "--prompt", "thumbs up", "--num_inference_steps", "10",
                 "--init_image", image, "--mask_image", centre_mask(image), "--watermark", "--device", "auto",
                 "--dtype", dtype, "--output_dir", os.path.join(args.out, "inpainted")], results)
+        lora = os.path.join(args.out, "lora")
+        if run(f"train_unet.py --lora_rank {precisions[0]}", [
+                "train_unet.py", *data, "--pretrained_model_name_or_path", pipelines[0], "--lora_rank", "8",
+                "--lora_target_modules", "to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2",
+                "--train_text_encoder_lora", "--use_ema", "--max_train_samples", "64", "--train_batch_size", "8",
+                "--mixed_precision", precisions[0], "--validation_prompts", "grinning face",
+                "--validation_inference_steps", "5", "--output_dir", lora], results):
+            run(f"generate.py --lora {dtype}", [
+                "generate.py", "--model", pipelines[0], "--lora", lora, "--lora_scale", "0.8", "--prompt",
+                "grinning face", "--num_inference_steps", "10", "--device", "auto", "--dtype", dtype,
+                "--output_dir", os.path.join(args.out, "lora-samples")], results)
     return summary(results)
 
 

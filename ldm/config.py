@@ -318,6 +318,9 @@ class CacheConfig:
             require(getattr(self, name) > 0, name, getattr(self, name), "a positive integer")
 
 
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers' LoRA scripts' default: the attention projections
+
+
 @dataclass
 class UNetConfig(TrainConfig, CacheConfig):
     """train_unet.py: a text-conditioned UNet2DConditionModel on the latents of a frozen VAE."""
@@ -326,11 +329,12 @@ class UNetConfig(TrainConfig, CacheConfig):
         "help": "a diffusers UNet2DConditionModel config.json: the architecture to train from scratch"})
     pretrained_model_name_or_path: Optional[str] = field(default=None, metadata={
         "help": "fine-tune this pipeline folder/Hub id (its unet/) or UNet folder, instead of unet_config"})
-    pretrained_vae_model_name_or_path: str = field(default="outputs/vae", metadata={
-        "help": "the frozen VAE: a train_vae.py output folder or a Hub id"})
+    pretrained_vae_model_name_or_path: Optional[str] = field(default=None, metadata={
+        "help": "the frozen VAE: a train_vae.py output folder or a Hub id; default: outputs/vae, or with "
+                "--lora_rank the pipeline's own"})
     text_encoder_name_or_path: Optional[str] = field(default=None, metadata={
         "help": "a pretrained CLIP (Hub id or folder) to use frozen; default: train a tokenizer on the "
-                "captions and build a text encoder from text_encoder_config"})
+                "captions and build a text encoder from text_encoder_config, or with --lora_rank the pipeline's own"})
     text_encoder_config: str = field(default="configs/models/text_encoder_demo.json", metadata={
         "help": "CLIPTextConfig architecture of the from-scratch text encoder"})
     tokenizer_vocab_size: int = field(default=2048, metadata={"help": "BPE vocabulary of the from-scratch tokenizer"})
@@ -338,6 +342,18 @@ class UNetConfig(TrainConfig, CacheConfig):
     train_text_encoder: bool = field(default=False, metadata={
         "help": "train the from-scratch text encoder jointly (pretrained encoders stay frozen)"})
     revision: Optional[str] = field(default=None, metadata={"help": "Hub revision of the pretrained models"})
+    lora_rank: Optional[int] = field(default=None, metadata={
+        "help": "train LoRA adapters of this rank (arXiv 2106.09685) on the frozen pipeline of "
+                "--pretrained_model_name_or_path instead of the whole UNet; writes pytorch_lora_weights.safetensors"})
+    lora_alpha: Optional[float] = field(default=None, metadata={
+        "help": "the adapters' output is scaled by lora_alpha / lora_rank; default: the rank (a scale of 1)"})
+    lora_target_modules: Optional[list[str]] = field(default=None, metadata={
+        "help": "the UNet's modules that get adapters, by name or name ending (peft's rule); default: the attention "
+                f"projections {' '.join(LORA_TARGETS)}; add e.g. conv1 conv2 for the ResNet convolutions"})
+    train_text_encoder_lora: bool = field(default=False, metadata={
+        "help": "also train adapters on the text encoder's attention projections (its text cache is then off)"})
+    lora_concept: Optional[str] = field(default=None, metadata={
+        "help": "the words in the captions that call up what the adapter learnt, for the model card's instance_prompt"})
     output_dir: str = "outputs/unet"
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
     snr_gamma: Optional[float] = field(default=5.0, metadata={"help": "min-SNR-gamma weighting; null turns it off"})
@@ -375,8 +391,24 @@ class UNetConfig(TrainConfig, CacheConfig):
     validation_inference_steps: int = 25
     loss_bins: int = field(default=10, metadata={"help": "timestep bins the loss is logged in"})
 
+    def __post_init__(self):
+        super().__post_init__()
+        # A LoRA adapts a whole pipeline: its VAE and text side are the pipeline's unless told otherwise.
+        adapted = self.pretrained_model_name_or_path if self.lora_rank is not None else None
+        if self.pretrained_vae_model_name_or_path is None:
+            self.pretrained_vae_model_name_or_path = adapted or "outputs/vae"
+        if adapted:
+            self.text_encoder_name_or_path = self.text_encoder_name_or_path or adapted
+            self.lora_target_modules = self.lora_target_modules or list(LORA_TARGETS)
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        """Whether the text encoder changes during training (so its states cannot be cached)."""
+        return self.train_text_encoder or self.train_text_encoder_lora
+
     def validate(self) -> None:
         super().validate()
+        self.validate_lora()
         if self.pretrained_model_name_or_path is None and not os.path.isfile(self.unet_config):
             raise ConfigError(f"unet_config {self.unet_config!r} is not a file; give a diffusers config.json "
                               "(see configs/models/) or --pretrained_model_name_or_path")
@@ -413,6 +445,34 @@ class UNetConfig(TrainConfig, CacheConfig):
     def uses_caches(self) -> bool:
         """A stream is read once, as it comes: nothing is cached."""
         return self.cache_latents and not self.streaming
+
+    def validate_lora(self) -> None:
+        """The LoRA settings, and the others they rule out. The target modules are checked against the
+        UNet itself when it is loaded (ldm/lora.py)."""
+        if self.lora_rank is None:
+            for name in ("lora_alpha", "lora_target_modules", "lora_concept"):
+                require(getattr(self, name) is None, name, getattr(self, name), "unset without --lora_rank, which "
+                        "turns LoRA training on")
+            require(not self.train_text_encoder_lora, "train_text_encoder_lora", True, "false without --lora_rank, "
+                    "which turns LoRA training on")
+            return
+        require(self.lora_rank >= 1, "lora_rank", self.lora_rank, "a positive integer (the adapters' rank, such as 4)")
+        if self.pretrained_model_name_or_path is None:
+            raise ConfigError(f"lora_rank = {self.lora_rank} trains adapters on a pretrained pipeline: pass "
+                              "--pretrained_model_name_or_path (a pipeline folder or Hub id)")
+        require(self.lora_alpha is None or self.lora_alpha > 0, "lora_alpha", self.lora_alpha,
+                "a positive number or null (the rank)")
+        require(bool(self.lora_target_modules), "lora_target_modules", self.lora_target_modules,
+                "one or more module names")
+        require(not (self.train_text_encoder and self.train_text_encoder_lora), "train_text_encoder",
+                self.train_text_encoder, "false with --train_text_encoder_lora: the text encoder trains either whole "
+                "or through adapters, not both")
+        require(not self.train_text_encoder, "train_text_encoder", self.train_text_encoder,
+                "false with --lora_rank: the pipeline's text encoder stays frozen (--train_text_encoder_lora trains "
+                "adapters on it)")
+        require(self.text_encoder_name_or_path == self.pretrained_model_name_or_path, "text_encoder_name_or_path",
+                self.text_encoder_name_or_path, f"unset or {self.pretrained_model_name_or_path!r} with --lora_rank: "
+                "the adapters are loaded into that pipeline, whose text encoder must be the one they trained with")
 
 
 @dataclass
@@ -457,7 +517,7 @@ class DistillConfig(TrainConfig, CacheConfig):
     streaming = False
     uses_caches = True
     cache_text_embeddings = True
-    train_text_encoder = False
+    trains_text_encoder = False
 
     def validate(self) -> None:
         super().validate()

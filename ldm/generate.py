@@ -1,5 +1,6 @@
 """What `generate.py` does: prompts + a saved pipeline → one PNG per image and a contact sheet,
-from noise, or by editing `--init_image` (image-to-image; with `--mask_image`, inpainting).
+from noise, or by editing `--init_image` (image-to-image; with `--mask_image`, inpainting), with the
+pipeline as it is or with LoRA adapters (`--lora`).
 
 Every input is checked before the first image is drawn, and the PNGs are written to a
 temporary folder and moved into `--output_dir` only once all of them exist, so a failed run
@@ -31,7 +32,7 @@ from transformers import HfArgumentParser
 
 from ldm.chunks import partial_name
 from ldm.data import open_rgb
-from ldm.hub import HubError, find_model, is_hub_id, named_revision, read_distillation
+from ldm.hub import HubError, find_lora, find_model, is_hub_id, named_revision, read_distillation
 from ldm.pipeline import LatentDiffusionPipeline, binary_mask, default_strength, edit_steps
 from ldm.schedulers import resolve_scheduler, scheduler_name
 from ldm.watermark import size_problem
@@ -93,6 +94,11 @@ class GenerateConfig:
         "help": "Mark the images with diffusers' SDXL invisible watermark (read it with `python -m ldm.watermark "
                 "detect`). Images narrower than 256 px, or under 256×256 pixels, cannot carry it and are written "
                 "unmarked."})
+    lora: str | None = field(default=None, metadata={
+        "help": "LoRA adapters to draw with: a train_unet.py --lora_rank output folder (or one of its checkpoints), a "
+                "pytorch_lora_weights.safetensors file, or a Hub id (its main branch)."})
+    lora_scale: float | None = field(default=None, metadata={
+        "help": "With --lora: how strongly the adapters act; 0 draws what the model draws without them. Default: 1."})
 
 
 def parse_args(argv: list[str] | None = None) -> GenerateConfig:
@@ -129,6 +135,10 @@ def check_config(config: GenerateConfig) -> None:
         resolve_scheduler(config.scheduler)
     if os.path.exists(config.output_dir) and not os.path.isdir(config.output_dir):
         raise ValueError(f"--output_dir {config.output_dir} exists and is not a folder")
+    if config.lora_scale is not None and config.lora is None:
+        raise ValueError("--lora_scale weighs LoRA adapters: pass --lora too")
+    if config.lora_scale is not None and not math.isfinite(config.lora_scale):
+        raise ValueError(f"--lora_scale must be a finite number, got {config.lora_scale}")
     check_edit_flags(config)
 
 
@@ -258,6 +268,23 @@ def check_hub_pipeline(model: str, revision: str | None) -> None:
                          "scheduler/)")
 
 
+def lora_file(lora: str) -> str:
+    """The local path of --lora's adapter file (downloaded first from the Hub), before any model loads."""
+    try:
+        return find_lora(lora)
+    except HubError as error:
+        raise ValueError(f"--lora: {error}") from None
+
+
+def load_lora(pipe: LatentDiffusionPipeline, path: str, lora: str) -> None:
+    """The adapters of the file at `path` (--lora `lora`) into the pipeline, through diffusers' loader."""
+    try:
+        pipe.load_lora_weights(os.path.dirname(path), weight_name=os.path.basename(path))
+    except (ValueError, RuntimeError, KeyError) as error:  # adapters of another model: the first mismatch says which
+        reason = " ".join(line.strip() for line in str(error).strip().splitlines()[:2])
+        raise ValueError(f"could not load the LoRA adapters {lora!r} into the model: {reason}") from error
+
+
 def check_size(pipe: LatentDiffusionPipeline, height: int, width: int) -> None:
     for name, size in (("height", height), ("width", width)):
         if size % pipe.vae_scale_factor:
@@ -272,8 +299,12 @@ def prepare(config: GenerateConfig, device: torch.device | None = None
     check_config(config)
     prompts = read_prompts(config)
     edit = read_edit_inputs(config)
+    lora = lora_file(config.lora) if config.lora is not None else None
     device = device or resolve_device(config.device)
     pipe = load_pipeline(config.model, config.revision, DTYPES[config.dtype])
+    if lora is not None:
+        load_lora(pipe, lora, config.lora)
+        config.lora_scale = 1.0 if config.lora_scale is None else config.lora_scale
     distilled = read_distillation(config.model, config.revision)
     config.num_inference_steps = config.num_inference_steps or distilled.get("num_inference_steps", DEFAULT_STEPS)
     if config.guidance_scale is None:
@@ -383,9 +414,10 @@ def draw_batch(pipe: LatentDiffusionPipeline, batch: list[ImageJob], config: Gen
                edit: EditInputs | None, folder: str) -> None:
     edit_args = {} if edit is None else dict(image=edit.image, mask_image=edit.mask, strength=config.strength,
                                              padding_mask_crop=config.padding_mask_crop)
+    lora_args = {} if config.lora is None else dict(cross_attention_kwargs={"scale": config.lora_scale})
     drawn = pipe([job.prompt for job in batch], negative_prompt=config.negative_prompt,
                  num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
-                 height=config.height, width=config.width, watermark=config.watermark, **edit_args,
+                 height=config.height, width=config.width, watermark=config.watermark, **edit_args, **lora_args,
                  # CPU generators, so a seed draws the same image on every device.
                  generator=[torch.Generator("cpu").manual_seed(job.seed) for job in batch]).images
     sampler = scheduler_name(pipe.scheduler)
@@ -397,7 +429,7 @@ def draw_batch(pipe: LatentDiffusionPipeline, batch: list[ImageJob], config: Gen
 def png_metadata(config: GenerateConfig, prompt: str, seed: int, scheduler: str,
                  edit: EditInputs | None = None) -> PngInfo:
     """Everything that made the image, in the PNG's text chunk (read back with `Image.open(path).text`);
-    for an edit, the input files by name and sha256."""
+    for an edit, the input files by name and sha256; with LoRA adapters, where they came from and their scale."""
     info = PngInfo()
     fields = dict(prompt=prompt, negative_prompt=config.negative_prompt or "", seed=seed, scheduler=scheduler,
                   num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
@@ -407,6 +439,8 @@ def png_metadata(config: GenerateConfig, prompt: str, seed: int, scheduler: str,
         fields.update(edit.metadata, strength=config.strength)
         if config.padding_mask_crop is not None:
             fields.update(padding_mask_crop=config.padding_mask_crop)
+    if config.lora is not None:
+        fields.update(lora=config.lora, lora_scale=config.lora_scale)
     for key, value in fields.items():
         info.add_text(key, str(value))
     return info

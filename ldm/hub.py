@@ -3,6 +3,9 @@ a folder or Hub repository holds before loading it, with a clear error for each 
 
     python -m ldm.hub push outputs/unet-demo your-name/emoji-diffusion [--hub_private] [--hub_license ID]
 
+A LoRA run's folder (train_unet.py --lora_rank) is pushed the same way: its adapter file, with a card
+that names the pipeline it adapts.
+
 Downloads go through huggingface_hub's cache (`HF_HUB_CACHE`), so a model fetched once also loads
 with `HF_HUB_OFFLINE=1`. `HF_ENDPOINT` points everything at another Hub-compatible server.
 """
@@ -15,6 +18,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from typing import NamedTuple
 
 import yaml
@@ -31,6 +35,7 @@ PIPELINE_INDEX = "model_index.json"  # at the root of a diffusers pipeline
 MODEL_CONFIG = "config.json"  # at the root of a single diffusers or transformers model
 METRICS = "metrics.json"
 DISTILLATION = "distillation.json"  # a distilled pipeline's method, teacher and sampling defaults (ldm/distill.py)
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # LoRA adapters in diffusers' format and name (ldm/lora.py)
 # Training state that a model repository does not need: checkpoints hold optimizer and RNG states for
 # resuming, and folders with these suffixes are checkpoints being written or replaced.
 NOT_PUSHED = ("checkpoint-*", "*.partial", "*.replaced")
@@ -103,6 +108,21 @@ def read_distillation(name_or_path: str, revision: str | None = None) -> dict:
         return {}
 
 
+def find_lora(name_or_path: str, revision: str | None = None) -> str:
+    """The local path of a LoRA adapter file: `name_or_path` itself (a .safetensors file), the
+    pytorch_lora_weights.safetensors of a folder (a train_unet.py --lora_rank output_dir or one of its
+    checkpoints), or that of a Hub repository, downloaded into the cache. Raises HubError with the reason."""
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    if not os.path.isdir(name_or_path) and not is_hub_id(name_or_path):
+        raise HubError(f"{name_or_path!r} does not exist: it is not a file or folder, nor a Hub repository id "
+                       "('namespace/name')")
+    try:
+        return fetch(name_or_path, LORA_WEIGHTS, revision)
+    except (FileNotFoundError, HfHubHTTPError) as error:  # LocalEntryNotFoundError is a FileNotFoundError
+        raise explain(name_or_path, named_revision(revision), error, not_a_lora) from None
+
+
 def named_revision(revision: str | None) -> str:
     """"main" for None: the same to the Hub, but mirrors such as olah resolve only named revisions."""
     return revision or constants.DEFAULT_REVISION
@@ -118,10 +138,13 @@ def fetch(name_or_path: str, filename: str, revision: str | None) -> str:
     return hf_hub_download(name_or_path, filename, revision=named_revision(revision))
 
 
-def explain(name_or_path: str, revision: str, error: Exception) -> HubError:
-    """The HubError for a folder or repository in which neither model_index.json nor config.json was found."""
+def explain(name_or_path: str, revision: str, error: Exception,
+            lacks_file: Callable[[str], HubError] | None = None) -> HubError:
+    """The HubError for a folder or repository in which the file asked for was not found: by default
+    model_index.json or config.json (`not_a_model`), else what `lacks_file(where)` says."""
+    lacks_file = lacks_file or not_a_model
     if os.path.isdir(name_or_path):
-        return not_a_model(name_or_path)
+        return lacks_file(name_or_path)
     if isinstance(error, LocalEntryNotFoundError):
         reason = "HF_HUB_OFFLINE is set" if constants.is_offline_mode() else f"{constants.ENDPOINT} cannot be reached"
         return HubError(f"{name_or_path} (revision {revision}) is not in the Hugging Face cache "
@@ -130,13 +153,13 @@ def explain(name_or_path: str, revision: str, error: Exception) -> HubError:
         return HubError(f"{name_or_path} is gated: accept its conditions at {constants.ENDPOINT}/{name_or_path}, "
                         "then log in with `hf auth login` or set HF_TOKEN")
     if isinstance(error, RemoteEntryNotFoundError):
-        return not_a_model(f"{name_or_path} (revision {revision})")
+        return lacks_file(f"{name_or_path} (revision {revision})")
     if isinstance(error, (RepositoryNotFoundError, RevisionNotFoundError)):
-        return missing_repository_or_revision(name_or_path, revision)
+        return missing_repository_or_revision(name_or_path, revision, lacks_file)
     return HubError(f"could not read {name_or_path} (revision {revision}) from {constants.ENDPOINT}: {error}")
 
 
-def missing_repository_or_revision(repo_id: str, revision: str) -> HubError:
+def missing_repository_or_revision(repo_id: str, revision: str, lacks_file: Callable[[str], HubError]) -> HubError:
     """Which of the two is missing, told apart by the repository's refs: a mirror (olah) answers
     "repository not found" for a missing revision or file as well, and the refs name the valid revisions."""
     try:
@@ -148,12 +171,16 @@ def missing_repository_or_revision(repo_id: str, revision: str) -> HubError:
     if revision not in names:
         return HubError(f"revision {revision!r} does not exist in {repo_id}; its branches and tags are "
                         f"{', '.join(names) or 'none'} (or give a commit id)")
-    return not_a_model(f"{repo_id} (revision {revision})")
+    return lacks_file(f"{repo_id} (revision {revision})")
 
 
 def not_a_model(where: str) -> HubError:
     return HubError(f"{where} is not a pipeline or a model: it has neither {PIPELINE_INDEX} (a diffusers pipeline) "
                     f"nor {MODEL_CONFIG} (a single model such as a VAE)")
+
+
+def not_a_lora(where: str) -> HubError:
+    return HubError(f"{where} is not a LoRA adapter: it has no {LORA_WEIGHTS} (train_unet.py --lora_rank writes one)")
 
 
 # ---------------------------------------------------------------- push
@@ -168,26 +195,33 @@ def push(folder: str, repo_id: str, token: str | None = None, private: bool = Fa
     """
     token = hub_token(token)
     require_repo_id(repo_id)
-    if not os.path.isdir(folder):
-        raise HubError(f"{folder} is not a folder: push a train_unet.py or train_vae.py output_dir")
-    found = find_model(folder)
-    if not (found.is_pipeline or found.is_vae):
-        raise HubError(f"{folder} holds a {found.class_name}; push a pipeline ({PIPELINE_INDEX}) or a VAE "
-                       "(an AutoencoderKL's config.json)")
+    kind = pushed_kind(folder)
     settings = read_settings(folder)
     api = HfApi(token=token)
     try:
         # private=None keeps the namespace's default visibility, as the Hub's own default does.
         repo = api.create_repo(repo_id, private=private or None, exist_ok=True)
-        card = model_card(folder, repo.repo_id, found.is_pipeline, settings, license)
+        card = model_card(folder, repo.repo_id, kind, settings, license)
         operations = [CommitOperationAdd(path, os.path.join(folder, path)) for path in files_to_push(folder, settings)]
         operations.append(CommitOperationAdd("README.md", card.encode()))
-        kind = "pipeline" if found.is_pipeline else "VAE"
         commit = api.create_commit(repo.repo_id, operations, commit_message=f"Upload the {kind} trained with ldm")
     except HfHubHTTPError as error:
         reason = str(error).splitlines()[0]
         raise HubError(f"could not push {folder} to {repo_id} on {api.endpoint}: {reason}") from None
     return commit.commit_url
+
+
+def pushed_kind(folder: str) -> str:
+    """What a folder to push holds: "pipeline", "VAE" or "LoRA adapter"; HubError for anything else."""
+    if not os.path.isdir(folder):
+        raise HubError(f"{folder} is not a folder: push a train_unet.py or train_vae.py output_dir")
+    if os.path.isfile(os.path.join(folder, LORA_WEIGHTS)) and not os.path.isfile(os.path.join(folder, PIPELINE_INDEX)):
+        return "LoRA adapter"
+    found = find_model(folder)
+    if not (found.is_pipeline or found.is_vae):
+        raise HubError(f"{folder} holds a {found.class_name}; push a pipeline ({PIPELINE_INDEX}), a VAE "
+                       f"(an AutoencoderKL's config.json) or a LoRA adapter ({LORA_WEIGHTS})")
+    return "pipeline" if found.is_pipeline else "VAE"
 
 
 def finish_run(config: TrainConfig, metrics: dict) -> None:
@@ -239,22 +273,32 @@ def dataset_of(settings: dict) -> str | None:
     return settings.get("dataset_name")
 
 
-def model_card(folder: str, repo_id: str, is_pipeline: bool, settings: dict, license: str | None = None) -> str:
-    """README.md for the Hub: YAML metadata (library, pipeline tag, license, dataset), then what the model
-    is and how to load it, its sample grid, its measured metrics, and the config it was trained with.
+def model_card(folder: str, repo_id: str, kind: str, settings: dict, license: str | None = None) -> str:
+    """README.md for the Hub: YAML metadata (library, pipeline tag, license, dataset; for a LoRA adapter also
+    the base model and the concept its captions name), then what the model is and how to load it, its
+    sample grid, its measured metrics, and the config it was trained with. `kind` is what `pushed_kind` says.
 
     A VAE gets no pipeline tag: it does not draw images from text, and the Hub has no autoencoder task.
     The license defaults to the data's: OpenMoji's CC BY-SA 4.0 binds models trained on it.
     """
     dataset = dataset_of(settings)
     license = license or settings.get("hub_license") or (OPENMOJI_LICENSE if dataset == "openmoji" else "other")
-    data = ModelCardData(library_name="diffusers", pipeline_tag="text-to-image" if is_pipeline else None,
-                         license=license, datasets=[dataset] if dataset else None,
-                         tags=["latent-diffusion"] + (["text-to-image"] if is_pipeline else ["autoencoder", "vae"]))
-    sections = [f"# {repo_id}", describe(repo_id, is_pipeline, read_distillation(folder))]
+    draws = kind != "VAE"
+    tags = ["latent-diffusion"] + {"pipeline": ["text-to-image"], "VAE": ["autoencoder", "vae"],
+                                   "LoRA adapter": ["text-to-image", "lora"]}[kind]
+    adapter = {}
+    if kind == "LoRA adapter":
+        adapter = {"base_model": base_model_id(settings), "instance_prompt": settings.get("lora_concept")}
+    data = ModelCardData(library_name="diffusers", pipeline_tag="text-to-image" if draws else None, license=license,
+                         datasets=[dataset] if dataset else None, tags=tags,
+                         **{key: value for key, value in adapter.items() if value})
+    about = describe_lora(repo_id, settings) if adapter else describe(repo_id, kind == "pipeline",
+                                                                       read_distillation(folder))
+    sections = [f"# {repo_id}", about]
     samples = sample_grid(folder)
     if samples:
-        caption = "Samples for the validation prompts" if is_pipeline else "Held-out images (top) and reconstructions"
+        caption = {"pipeline": "Samples for the validation prompts", "VAE": "Held-out images (top) and reconstructions",
+                   "LoRA adapter": "Samples for the validation prompts, with the adapter"}[kind]
         sections.append(f"## Samples\n\n{caption}:\n\n![samples]({samples})")
     metrics_path = os.path.join(folder, METRICS)
     if os.path.isfile(metrics_path):
@@ -270,6 +314,13 @@ def model_card(folder: str, repo_id: str, is_pipeline: bool, settings: dict, lic
         config = yaml.safe_dump(settings, sort_keys=False).strip()
         sections.append(f"## Training config\n\n`{RUN_CONFIG}`, as the run resolved it:\n\n```yaml\n{config}\n```")
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n"))
+
+
+def base_model_id(settings: dict) -> str | None:
+    """The Hub id of the pipeline a LoRA adapts, for the card's `base_model`; None when it was a local
+    folder, which the Hub would refuse there (it takes model ids only)."""
+    base = settings.get("pretrained_model_name_or_path")
+    return base if base and not os.path.isdir(base) and is_hub_id(base) else None
 
 
 def describe(repo_id: str, is_pipeline: bool, distilled: dict) -> str:
@@ -295,6 +346,25 @@ def describe(repo_id: str, is_pipeline: bool, distilled: dict) -> str:
             f'vae = AutoencoderKL.from_pretrained("{repo_id}")\n```')
 
 
+def describe_lora(repo_id: str, settings: dict) -> str:
+    base = settings.get("pretrained_model_name_or_path", "the base pipeline")
+    where = f"`{base}`" if base_model_id(settings) else f"`{base}` (a local folder when it was trained, not on the Hub)"
+    text_encoder = " and the text encoder's attention projections" if settings.get("train_text_encoder_lora") else ""
+    targets = " ".join(settings.get("lora_target_modules") or [])
+    concept = settings.get("lora_concept")
+    prompt = f"{concept} red heart" if concept else "red heart"
+    return (f"LoRA adapters (arXiv 2106.09685) for the text-to-image pipeline {where}, trained with ldm: rank "
+            f"{settings.get('lora_rank')}, alpha {settings.get('lora_alpha') or settings.get('lora_rank')}, on the "
+            f"UNet's `{targets}`{text_encoder}."
+            + (f" Its training captions call what it learnt `{concept}`: put that in the prompt." if concept else "")
+            + f" `{LORA_WEIGHTS}` is in diffusers' LoRA format.\n\n```python\n"
+            "from diffusers import StableDiffusionPipeline  # or ldm.pipeline.LatentDiffusionPipeline\n\n"
+            f'pipe = StableDiffusionPipeline.from_pretrained("{base}", safety_checker=None)\n'
+            f'pipe.load_lora_weights("{repo_id}")\n'
+            f'image = pipe("{prompt}", num_inference_steps=25, cross_attention_kwargs={{"scale": 1.0}}).images[0]\n'
+            f'```\n\nor `python generate.py --model {base} --lora {repo_id} --lora_scale 1.0 --prompt "{prompt}"`.')
+
+
 def sample_grid(folder: str) -> str | None:
     """The last validation grid the trainer saved, as a path relative to `folder`."""
     validation = os.path.join(folder, "validation")
@@ -308,7 +378,7 @@ def sample_grid(folder: str) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ldm.hub", description="Share models on the Hugging Face Hub.")
     commands = parser.add_subparsers(dest="command", required=True)
-    push_command = commands.add_parser("push", help="upload a saved pipeline or VAE folder with a model card, "
+    push_command = commands.add_parser("push", help="upload a saved pipeline, VAE or LoRA folder with a model card, "
                                                     "in one commit")
     push_command.add_argument("folder", help="a train_unet.py or train_vae.py output_dir")
     push_command.add_argument("repo_id", help="'user/name', or 'name' under your account")

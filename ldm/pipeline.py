@@ -14,6 +14,7 @@ with `steps_offset != 1` or `clip_sample: true` when it loads one, so save sched
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import logging
@@ -25,8 +26,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import scale_lora_layers, unscale_lora_layers
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -41,7 +44,7 @@ logger = logging.getLogger(__name__)
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
-class LatentDiffusionPipeline(DiffusionPipeline):
+class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     """Text-to-image sampling with a latent diffusion model.
 
     Components, registered the diffusers way: `vae` (AutoencoderKL), `text_encoder`
@@ -52,6 +55,11 @@ class LatentDiffusionPipeline(DiffusionPipeline):
     it noised part of the way (SDEdit, https://arxiv.org/abs/2108.01073); adding `mask_image=`
     repaints only the white part of the mask, the ordinary UNet's way: after every step, the
     latents outside the mask are replaced by the image's, noised to the step's level.
+
+    LoRA adapters come from diffusers' loader mixin, as for `StableDiffusionPipeline`:
+    `load_lora_weights(folder_or_hub_id)` (a train_unet.py --lora_rank output, ldm/lora.py, or any
+    Stable Diffusion 1.x LoRA that fits the model), `set_adapters`, `fuse_lora`, `unfuse_lora`,
+    `unload_lora_weights`; `pipe(..., cross_attention_kwargs={"scale": 0.5})` weighs them for a call.
 
     For large images call `pipe.vae.enable_tiling()` (decode in overlapping tiles) or
     `pipe.vae.enable_slicing()` (decode one image at a time). `enable_fast_mode()` runs the
@@ -86,10 +94,10 @@ class LatentDiffusionPipeline(DiffusionPipeline):
 
         The loop uses a `dtype` copy of the UNet, made at the next call on the UNet's device, so
         `self.unet` and what `save_pretrained` writes stay full precision (call this again after
-        changing the UNet's weights). Latents, guidance and scheduler arithmetic stay float32, so
-        the sampler does not accumulate rounding error. bf16 matmuls and convolutions are 1.3-3x
-        faster than float32 on CPUs with AVX512-BF16 or AMX and on recent GPUs; images move by
-        about 1e-2 in [0, 1] pixel values.
+        changing the UNet's weights or its LoRA adapters: loading, fusing, `set_adapters`). Latents,
+        guidance and scheduler arithmetic stay float32, so the sampler does not accumulate rounding
+        error. bf16 matmuls and convolutions are 1.3-3x faster than float32 on CPUs with AVX512-BF16
+        or AMX and on recent GPUs; images move by about 1e-2 in [0, 1] pixel values.
         """
         self._fast_dtype, self._fast_unet = dtype, None
 
@@ -161,21 +169,24 @@ class LatentDiffusionPipeline(DiffusionPipeline):
                                text, len(ids), limit, dropped)
 
     def encode_prompt(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                      num_images_per_prompt: int, do_guidance: bool, device: torch.device):
-        """Conditional and (when guiding) unconditional embeddings, one row per image.
+                      num_images_per_prompt: int, do_guidance: bool, device: torch.device,
+                      lora_scale: float | None = None):
+        """Conditional and (when guiding) unconditional embeddings, one row per image, with the text
+        encoder's LoRA layers (if any are loaded) scaled by `lora_scale`.
 
         Rows are prompt-major: all images of the first prompt, then of the second, and so on.
         """
-        if prompt_embeds is None:
-            prompt_embeds = self.encode_text(_as_list(prompt), device)
-        if not do_guidance:
-            return self._per_image(prompt_embeds, num_images_per_prompt, device), None
-        if negative_prompt_embeds is None:
-            # The empty string is the "unconditional" input the model learnt with caption dropout.
-            negatives = _as_list(negative_prompt or "")
-            if len(negatives) == 1:
-                negatives *= prompt_embeds.shape[0]
-            negative_prompt_embeds = self.encode_text(negatives, device)
+        with scaled_lora_layers(self.text_encoder, lora_scale):
+            if prompt_embeds is None:
+                prompt_embeds = self.encode_text(_as_list(prompt), device)
+            if not do_guidance:
+                return self._per_image(prompt_embeds, num_images_per_prompt, device), None
+            if negative_prompt_embeds is None:
+                # The empty string is the "unconditional" input the model learnt with caption dropout.
+                negatives = _as_list(negative_prompt or "")
+                if len(negatives) == 1:
+                    negatives *= prompt_embeds.shape[0]
+                negative_prompt_embeds = self.encode_text(negatives, device)
         return (self._per_image(prompt_embeds, num_images_per_prompt, device),
                 self._per_image(negative_prompt_embeds, num_images_per_prompt, device))
 
@@ -206,20 +217,23 @@ class LatentDiffusionPipeline(DiffusionPipeline):
 
     def predict_noise(self, unet: UNet2DConditionModel, latents: torch.Tensor, t, embeddings: torch.Tensor,
                       guidance_scale: float, guidance_rescale: float,
-                      timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
+                      timestep_cond: torch.Tensor | None = None,
+                      cross_attention_kwargs: dict | None = None) -> torch.Tensor:
         """The UNet's guided prediction, in the latents' dtype.
 
         With classifier-free guidance (https://arxiv.org/abs/2207.12598) `embeddings` holds the
         unconditional rows, then the conditional ones, and both passes run as one batched UNet call.
         `embeddings` come in the UNet's dtype; reading it from there rather than from `unet.dtype`
         saves a walk over the UNet's modules at every step. A distilled UNet takes its guidance as
-        `timestep_cond` instead, in one pass.
+        `timestep_cond` instead, in one pass. `cross_attention_kwargs` go to the UNet as they are (its
+        "scale" scales the UNet's LoRA layers for the call).
         """
         guided = embeddings.shape[0] == 2 * latents.shape[0]
         model_input = torch.cat([latents, latents]) if guided else latents
         model_input = self.scheduler.scale_model_input(model_input, t)
         prediction = unet(model_input.to(embeddings.dtype), t, encoder_hidden_states=embeddings,
-                          timestep_cond=timestep_cond, return_dict=False)[0].to(latents.dtype)
+                          timestep_cond=timestep_cond, cross_attention_kwargs=cross_attention_kwargs,
+                          return_dict=False)[0].to(latents.dtype)
         if not guided:
             return prediction
         unconditional, conditional = prediction.chunk(2)
@@ -385,6 +399,7 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
         eta: float = 0.0,
+        cross_attention_kwargs: dict | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
@@ -409,6 +424,9 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         height, width: pixels, multiples of the VAE factor; default: the UNet's sample size × factor,
             or for image-to-image the image's size (rounded down to the factor).
         generator: one generator for the whole batch, or one per image (prompts × num_images_per_prompt).
+        cross_attention_kwargs: passed to the UNet's attention processors, as in diffusers' pipelines; its
+            "scale" weighs the loaded LoRA adapters of the UNet and the text encoder (0: the base model,
+            1: as trained). See `load_lora_weights`.
         output_type: "pil" (list of images), "np" (N×H×W×3 floats in [0, 1]), "pt" (N×3×H×W), or
             "latent" (the denoised latents, undecoded).
         callback_on_step_end: called as f(pipe, step, timestep, tensors) after each step, where `tensors`
@@ -436,7 +454,8 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         guidance_input = self.unet.config.time_cond_proj_dim  # a distilled UNet's: guidance without a second pass
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt,
-            do_guidance=guidance_scale > 1.0 and guidance_input is None, device=device)
+            do_guidance=guidance_scale > 1.0 and guidance_input is None, device=device,
+            lora_scale=(cross_attention_kwargs or {}).get("scale"))
         num_images = prompt_embeds.shape[0]
 
         # 3. Timesteps: all of them, or an edit's last `strength` of them.
@@ -470,7 +489,7 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
                 noise_pred = self.predict_noise(unet, latents, t, embeddings, guidance_scale, guidance_rescale,
-                                                timestep_cond)
+                                                timestep_cond, cross_attention_kwargs)
                 latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
                 if mask is not None:
                     next_timestep = timesteps[i + 1] if i + 1 < len(timesteps) else None
@@ -505,6 +524,20 @@ class LatentDiffusionPipeline(DiffusionPipeline):
             return self.image_processor.get_default_height_width(_as_batch(image), height, width)
         native = self.unet.config.sample_size * self.vae_scale_factor
         return native if height is None else height, native if width is None else width
+
+
+@contextlib.contextmanager
+def scaled_lora_layers(model: torch.nn.Module, scale: float | None):
+    """Inside, `model`'s LoRA layers are scaled by `scale` (None: left as they are), as diffusers'
+    pipelines scale the text encoder's; a model without LoRA layers is left alone."""
+    if scale is None:
+        yield
+        return
+    scale_lora_layers(model, scale)
+    try:
+        yield
+    finally:
+        unscale_lora_layers(model, scale)
 
 
 def rescale_guidance(guided: torch.Tensor, conditional: torch.Tensor, phi: float) -> torch.Tensor:

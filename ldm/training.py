@@ -86,14 +86,20 @@ def make_optimizer(parameters, config: TrainConfig, accelerator: Accelerator, le
     return optimizer, scheduler
 
 
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The weights that train: all of a model trained whole, only the adapters of a LoRA-adapted one."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def make_ema(model: torch.nn.Module, config: TrainConfig, accelerator: Accelerator,
              constant: bool = False) -> EMAModel | None:
-    """An exponential moving average of `model`'s weights, saved and restored with every checkpoint.
-    Its decay warms up to `ema_decay` over the first steps, unless `constant`."""
+    """An exponential moving average of `model`'s trainable weights, saved and restored with every
+    checkpoint (for a LoRA-adapted model, its adapters: a frozen weight has nothing to average). Its
+    decay warms up to `ema_decay` over the first steps, unless `constant`."""
     if not config.use_ema:
         return None
-    ema = EMAModel(model.parameters(), decay=config.ema_decay, min_decay=config.ema_decay if constant else 0.0,
-                   model_cls=type(model), model_config=model.config)
+    ema = EMAModel(trainable_parameters(model), decay=config.ema_decay,
+                   min_decay=config.ema_decay if constant else 0.0, model_cls=type(model), model_config=model.config)
     ema.to(accelerator.device)
     accelerator.register_for_checkpointing(ema)
     return ema
@@ -105,12 +111,13 @@ def averaged_weights(ema: EMAModel | None, model: torch.nn.Module):
     if ema is None:
         yield model
         return
-    ema.store(model.parameters())
-    ema.copy_to(model.parameters())
+    averaged = trainable_parameters(model)
+    ema.store(averaged)
+    ema.copy_to(averaged)
     try:
         yield model
     finally:
-        ema.restore(model.parameters())
+        ema.restore(averaged)
 
 
 def apply_gradients(accelerator: Accelerator, loss: torch.Tensor, parameters: list, optimizer, scheduler,

@@ -5,10 +5,14 @@ VAE, exported with its VAE and text side as a LatentDiffusionPipeline folder.
 text encoder, run once over the data into chunked on-disk caches (ldm/caches.py) that every process
 helps build and memory-maps. With `--streaming` (ldm/streaming.py) or `--cache_latents false` the
 encoders run on every batch instead, as diffusers' train_text_to_image.py does.
+
+With `--lora_rank` the pretrained pipeline stays frozen and only LoRA adapters on its UNet (and text
+encoder) train (ldm/lora.py); the run then ends with the adapter file instead of a pipeline folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -28,32 +32,39 @@ from ldm.chunks import ChunkedCache, ChunkShuffle, as_batch
 from ldm.config import ConfigError, UNetConfig, require_divisible
 from ldm.data import ImageCaptionDataset, SkipCounter, caption_list, dataloader, load_splits
 from ldm.hub import find_model, finish_run
+from ldm.lora import (TEXT_ENCODER_TARGETS, add_adapters, check_targets, is_adapted, keep_only_adapters_in_checkpoints,
+                      save_adapters)
 from ldm.models import read_architecture, vae_scale_factor, vae_subfolder
 from ldm.openmoji import default_cache_dir
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.text import build_text_encoder, load_text_components, tokenize, train_tokenizer
 from ldm.streaming import StreamBatches, load_stream_state, open_stream, save_stream_state
 from ldm.timesteps import ImportanceTimesteps, mass_by_bin, timestep_sampler
-from ldm.training import (Throughput, apply_gradients, batch_generator, check_finite, find_checkpoint, load_checkpoint,
-                          make_accelerator, make_ema, make_optimizer, report_step, resume_state, resumed_batches,
-                          save_checkpoint, save_run_config, save_validation_grid, finish_training, unreadable_rows)
+from ldm.training import (Throughput, apply_gradients, averaged_weights, batch_generator, check_finite, find_checkpoint,
+                          load_checkpoint, make_accelerator, make_ema, make_optimizer, report_step, resume_state,
+                          resumed_batches, save_checkpoint, save_run_config, save_validation_grid, finish_training,
+                          trainable_parameters, unreadable_rows)
 
 logger = get_logger(__name__)
 UNREADABLE_BATCHES = 100  # in a row, before the run stops instead of skipping on forever
 
 
 def train(config: UNetConfig) -> dict:
-    """Cache, train, validate, checkpoint, and save the pipeline. Returns the final numbers."""
+    """Cache, train, validate, checkpoint, and save the pipeline (or the LoRA adapters). Returns the final numbers."""
     # 1. Everything that can be checked is checked before anything expensive.
     resuming = find_checkpoint(config.resume_from_checkpoint, config.output_dir) is not None
+    if config.lora_rank:
+        check_lora_base(config)
     vae = load_frozen_vae(config)
     require_divisible(config.resolution, vae_scale_factor(vae.config), "VAE")
+    unet = load_unet(config)
+    if config.lora_rank:
+        check_targets(unet, config.lora_target_modules)
     accelerator = make_accelerator(config, "train_unet")
     if accelerator.is_main_process:
         save_run_config(config, config.output_dir)
     train_rows = open_stream(config) if config.streaming else load_splits(config)[0]
     tokenizer, text_encoder = text_side(config, train_rows, accelerator, resuming)
-    unet = load_unet(config)
     check_cross_attention(unet, text_encoder)
     noise_scheduler = diffusion.noise_scheduler(config.prediction_type, config.zero_terminal_snr, config.beta_schedule,
                                                 config.beta_start, config.beta_end, config.num_train_timesteps)
@@ -65,14 +76,20 @@ def train(config: UNetConfig) -> dict:
     empty_ids = tokenize(tokenizer, [""]).to(accelerator.device)
     empty = cached_empty_prompt(text_encoder, empty_ids, config.cache_dtype) if data.texts_cached else None
 
-    # 3. Models and optimizer: the UNet, and the text encoder when it trains jointly.
+    # 3. Models and optimizer: the UNet, and the text encoder when it trains jointly; for LoRA, adapters
+    # on both instead, their bases frozen. Only trainable weights reach the optimizer and the EMA.
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    text_encoder.requires_grad_(config.train_text_encoder)
+    if config.lora_rank:
+        add_adapters(unet, config.lora_rank, config.lora_alpha, config.lora_target_modules)
+        if config.train_text_encoder_lora:
+            add_adapters(text_encoder, config.lora_rank, config.lora_alpha, TEXT_ENCODER_TARGETS)
     unet.train()
-    trained = [unet] + ([text_encoder] if config.train_text_encoder else [])
-    text_encoder.train(config.train_text_encoder).requires_grad_(config.train_text_encoder)
-    optimizer, lr_scheduler = make_optimizer([p for m in trained for p in m.parameters()], config, accelerator,
-                                             optimizer_class=adam_class(config))
+    text_encoder.train(config.trains_text_encoder)
+    trained = [unet] + ([text_encoder] if config.trains_text_encoder else [])
+    optimizer, lr_scheduler = make_optimizer([p for m in trained for p in trainable_parameters(m)], config,
+                                             accelerator, optimizer_class=adam_class(config))
     ema = make_ema(unet, config, accelerator)
     timesteps_from = timestep_sampler(config.timestep_sampling, config.num_train_timesteps, config.logit_mean,
                                       config.logit_std, config.importance_history, accelerator.gather)
@@ -81,8 +98,12 @@ def train(config: UNetConfig) -> dict:
     # A stream (data.loader None) stays out of Accelerate: each process reads its own shards.
     *models, optimizer, lr_scheduler, data.loader = accelerator.prepare(*trained, optimizer, lr_scheduler, data.loader)
     unet = models[0]
-    if config.train_text_encoder:
+    if config.trains_text_encoder:
         text_encoder = models[1]
+    if config.lora_rank:
+        keep_only_adapters_in_checkpoints(accelerator, accelerator.unwrap_model(unet), accelerator.unwrap_model(
+            text_encoder) if config.train_text_encoder_lora else None)
+    parameters = [p for m in models for p in trainable_parameters(m)]
 
     # 4. Resume: weights, optimizer, schedule, EMA, RNG states, step, and position in the data.
     global_step, batches = data.resume(accelerator, config)
@@ -123,8 +144,7 @@ def train(config: UNetConfig) -> dict:
             loss = (importance * weights * per_sample).mean()
             check_finite(accelerator.reduce(loss.detach(), "mean"), global_step + 1)
 
-            apply_gradients(accelerator, loss, [p for m in models for p in m.parameters()], optimizer, lr_scheduler,
-                            config.max_grad_norm)
+            apply_gradients(accelerator, loss, parameters, optimizer, lr_scheduler, config.max_grad_norm)
 
         timesteps_from.update(timesteps, (weights * per_sample).detach())
         add_bins(bins, per_sample.detach(), timesteps, noise_scheduler, config.loss_bins)
@@ -135,7 +155,7 @@ def train(config: UNetConfig) -> dict:
             continue
         global_step += 1
         if ema is not None:
-            ema.step(accelerator.unwrap_model(unet).parameters())
+            ema.step(trainable_parameters(accelerator.unwrap_model(unet)))
         meter.update(seen)
         report_step(accelerator, progress, meter, running / micro_batches, lr_scheduler.get_last_lr()[0], global_step)
         running, micro_batches, seen = 0.0, 0, 0
@@ -151,18 +171,19 @@ def train(config: UNetConfig) -> dict:
             meter.restart()
     progress.close()
 
-    # 6. The final pipeline, with the EMA weights when there are some. The unreadable images are
-    # counted first: a collective's Python tensor freed on gloo's thread while the process group is
-    # torn down deadlocks both (see finish_training), so the last such collective is not the last one.
+    # 6. The final pipeline (or LoRA adapters), with the EMA weights when there are some. The unreadable
+    # images are counted first: a collective's Python tensor freed on gloo's thread while the process
+    # group is torn down deadlocks both (see finish_training), so the last such collective is not the last one.
     unreadable = data.unreadable(skipped, accelerator)
     accelerator.wait_for_everyone()
     log_bins(accelerator, bins, timesteps_from, config.loss_bins, global_step)
-    pipeline = export_pipeline(accelerator, vae, tokenizer, text_encoder, unet, ema, noise_scheduler)
     if accelerator.is_main_process:
-        pipeline.save_pretrained(config.output_dir, safe_serialization=True)
-        save_validation_grid(sample_grid(pipeline, config, accelerator.device), config.output_dir, accelerator,
-                             global_step, "samples")
-    logger.info(f"skipped {unreadable} unreadable image(s); saved the pipeline to {config.output_dir}",
+        with exported_pipeline(accelerator, vae, tokenizer, text_encoder, unet, ema, noise_scheduler) as pipeline:
+            save_model(pipeline, config)
+            save_validation_grid(sample_grid(pipeline, config, accelerator.device), config.output_dir, accelerator,
+                                 global_step, "samples")
+    saved = "LoRA adapters" if config.lora_rank else "pipeline"
+    logger.info(f"skipped {unreadable} unreadable image(s); saved the {saved} to {config.output_dir}",
                 main_process_only=True)
     finish_training(accelerator)
     result = {"global_step": global_step, "unreadable_images": unreadable, "images_per_second": meter.rate}
@@ -233,7 +254,7 @@ def training_data(config: UNetConfig, accelerator: Accelerator, train_rows, vae,
     logger.info(f"latent cache {latents.folder} ({latents.encoded_now} chunk(s) encoded by this process); "
                 f"{latents.skipped} unreadable image(s) left out")
     texts = None
-    if config.cache_text_embeddings and not config.train_text_encoder:
+    if config.cache_text_embeddings and not config.trains_text_encoder:
         texts = load_or_build_texts(tokenizer, text_encoder, train_rows, config.caption_column, cache_root,
                                     config.cache_dtype, config.cache_chunk_rows, processes=accelerator)
         logger.info(f"text cache {texts.folder} ({texts.encoded_now} chunk(s) encoded by this process)")
@@ -270,6 +291,16 @@ def load_unet(config: UNetConfig) -> UNet2DConditionModel:
         return UNet2DConditionModel.from_config(read_architecture(config.unet_config, UNet2DConditionModel))
     subfolder = "unet" if find_model(source, config.revision).is_pipeline else None
     return UNet2DConditionModel.from_pretrained(source, subfolder=subfolder, revision=config.revision)
+
+
+def check_lora_base(config: UNetConfig) -> None:
+    """LoRA adapters are trained for, and loaded into, a whole pipeline, whose VAE and text side the run
+    also takes by default: a UNet folder alone will not do."""
+    found = find_model(config.pretrained_model_name_or_path, config.revision)
+    if not found.is_pipeline:
+        raise ConfigError(f"pretrained_model_name_or_path {config.pretrained_model_name_or_path!r} holds a "
+                          f"{found.class_name}, not a pipeline: LoRA adapts a whole pipeline (model_index.json, "
+                          "unet/, text_encoder/, tokenizer/, vae/)")
 
 
 def text_side(config: UNetConfig, train_rows, accelerator: Accelerator, resuming: bool):
@@ -352,19 +383,40 @@ def log_bins(accelerator: Accelerator, bins: dict, timesteps_from, count: int, s
 # ---------------------------------------------------------------- validation and export
 
 
-def export_pipeline(accelerator, vae, tokenizer, text_encoder, unet, ema, noise_scheduler) -> LatentDiffusionPipeline:
-    """The pipeline to save or sample from, with the EMA weights when there are some.
+@contextlib.contextmanager
+def exported_pipeline(accelerator, vae, tokenizer, text_encoder, unet, ema, noise_scheduler):
+    """Inside, the pipeline to save or sample from, with the EMA weights when there are some.
 
-    The UNet is a copy, so the weights being trained are never touched. Sampling uses DPM-Solver++
-    (2M), which needs ~20 steps, with the training noise schedule."""
+    A UNet trained whole is copied, so the weights being trained are never touched. A LoRA-adapted
+    UNet is used as it is (under mixed precision, in Accelerate's autocast, as it trains), its adapters
+    holding their average inside and their own weights again after: copying its frozen base would
+    cost the memory LoRA saves. Sampling uses DPM-Solver++ (2M), which needs ~20 steps, with the
+    training noise schedule."""
     unet = accelerator.unwrap_model(unet)
-    copy = UNet2DConditionModel.from_config(unet.config)
-    copy.load_state_dict(unet.state_dict())
-    if ema is not None:
-        ema.copy_to(copy.parameters())
-    sampler = DPMSolverMultistepScheduler.from_config(noise_scheduler.config)
-    return LatentDiffusionPipeline(vae=vae, text_encoder=accelerator.unwrap_model(text_encoder), tokenizer=tokenizer,
-                                   unet=copy.to(accelerator.device).eval(), scheduler=sampler)
+    parts = dict(vae=vae, text_encoder=accelerator.unwrap_model(text_encoder), tokenizer=tokenizer,
+                 scheduler=DPMSolverMultistepScheduler.from_config(noise_scheduler.config))
+    if not is_adapted(unet):
+        copy = UNet2DConditionModel.from_config(unet.config)
+        copy.load_state_dict(unet.state_dict())
+        if ema is not None:
+            ema.copy_to(copy.parameters())
+        yield LatentDiffusionPipeline(unet=copy.to(accelerator.device).eval(), **parts)
+        return
+    was_training = unet.training
+    with averaged_weights(ema, unet):
+        try:
+            yield LatentDiffusionPipeline(unet=unet.eval(), **parts)
+        finally:
+            unet.train(was_training)
+
+
+def save_model(pipeline: LatentDiffusionPipeline, config: UNetConfig) -> None:
+    """The pipeline folder; for a LoRA run, the adapters alone (pytorch_lora_weights.safetensors)."""
+    if config.lora_rank:
+        text_encoder = pipeline.text_encoder if config.train_text_encoder_lora else None
+        save_adapters(config.output_dir, pipeline.unet, text_encoder)
+    else:
+        pipeline.save_pretrained(config.output_dir, safe_serialization=True)
 
 
 @torch.no_grad()
@@ -382,9 +434,9 @@ def sample_grid(pipeline: LatentDiffusionPipeline, config, device, steps: int | 
 def validate(accelerator, config, vae, tokenizer, text_encoder, unet, ema, noise_scheduler, step: int) -> None:
     if accelerator.is_main_process and config.validation_prompts:
         was_training = text_encoder.training
-        pipeline = export_pipeline(accelerator, vae, tokenizer, text_encoder, unet, ema, noise_scheduler)
         accelerator.unwrap_model(text_encoder).eval()
-        save_validation_grid(sample_grid(pipeline, config, accelerator.device), config.output_dir, accelerator,
-                             step, "samples")
+        with exported_pipeline(accelerator, vae, tokenizer, text_encoder, unet, ema, noise_scheduler) as pipeline:
+            save_validation_grid(sample_grid(pipeline, config, accelerator.device), config.output_dir, accelerator,
+                                 step, "samples")
         accelerator.unwrap_model(text_encoder).train(was_training)
     accelerator.wait_for_everyone()

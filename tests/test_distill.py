@@ -86,7 +86,7 @@ def test_a_two_step_distillation_writes_a_folder_that_three_pipelines_draw_alike
         drawn = Image.open(next((tmp_path / "s").glob("0000-*.png"))).text
         expected = ("tcd", "1") if flags else ("lcm", "2")
         assert (drawn["scheduler"], drawn["num_inference_steps"], drawn["guidance_scale"]) == (*expected, "5.0")
-    card = model_card(str(out), "someone/lcm", True, {})
+    card = model_card(str(out), "someone/lcm", "pipeline", {})
     assert "distilled with ldm by latent consistency distillation" in card and "num_inference_steps=2" in card
 
 

@@ -340,3 +340,39 @@ def test_a_pipeline_trained_with_push_to_hub_is_pulled_by_id_and_drawn(servers, 
     assert "push_to_hub: true" in card.text and "hub_token: null" in card.text
     assert "![samples](validation/step-000002.png)" in card.text
     assert os.path.isfile(os.path.join(pulled, "validation", "step-000002.png"))
+
+
+def test_a_lora_trained_on_a_pipeline_by_id_is_pushed_with_its_card_and_drawn_by_id(servers, published, pipelines,
+                                                                                     openmoji_32, tmp_path):
+    """train_unet.py --lora_rank on tester/tiny through olah, `python -m ldm.hub push` to the upload service,
+    then generate.py --model tester/tiny --lora <its id> through olah: the images of the local files."""
+    out, pull = tmp_path / "lora", client_env(servers.olah, tmp_path / "hf_pull")
+    trained = subprocess.run(
+        [sys.executable, "train_unet.py", "--pretrained_model_name_or_path", "tester/tiny", "--revision", "main",
+         "--lora_rank", "4", "--lora_concept", "emoji style", "--output_dir", str(out), "--resolution", "16",
+         "--max_train_samples", "8", "--train_batch_size", "8", "--max_train_steps", "2", "--learning_rate", "1e-2",
+         "--validation_prompts", "red heart", "--validation_inference_steps", "2", "--report_to", "none"],
+        cwd=ROOT, env=pull, capture_output=True, text=True, timeout=300)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    pushed = push_command(out, "tester/tiny-lora", client_env(servers.upload, tmp_path / "push", HF_TOKEN=TOKEN))
+    assert pushed.returncode == 0, pushed.stderr[-3000:]
+
+    results = run_clients({"generate": ["generate", "--model", "tester/tiny", "--lora", "tester/tiny-lora", *GENERATE,
+                                        "--output_dir", str(tmp_path / "by_id")],
+                           "pull": ["snapshot", "tester/tiny-lora"]}, pull)
+    assert results["generate"][0] == 0, results["generate"][1]
+    for name, flags in (("local", ["--lora", str(out)]), ("base", [])):
+        assert generate.main(["--model", pipelines.v2, *flags, *GENERATE, "--output_dir", str(tmp_path / name)]) == 0
+    assert same_images(tmp_path / "by_id", tmp_path / "local")
+    assert not same_images(tmp_path / "local", tmp_path / "base")
+
+    pulled = results["pull"]
+    assert {"README.md", "pytorch_lora_weights.safetensors", "training_config.yaml", "metrics.json"} <= set(
+        os.listdir(pulled))
+    assert not [name for name in os.listdir(pulled) if name.startswith("checkpoint-") or name == "logs"]
+    card = ModelCard.load(os.path.join(pulled, "README.md"))
+    metadata = card.data.to_dict()
+    assert (metadata["base_model"], metadata["library_name"], metadata["instance_prompt"]) == (
+        "tester/tiny", "diffusers", "emoji style")
+    assert {"lora", "text-to-image"} <= set(metadata["tags"])
+    assert 'pipe.load_lora_weights("tester/tiny-lora")' in card.text
