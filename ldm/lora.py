@@ -48,6 +48,13 @@ def check_targets(model: torch.nn.Module, targets: list[str], what: str = "UNet"
                        if wrong else "matches no module")
             raise ConfigError(f"lora_target_modules {target!r} {problem}; the Linear and Conv2d layers of the "
                               f"{what} end in: {', '.join(layer_endings(modules))}")
+        misnamed = [name for name in matched if what == "UNet" and name.endswith(TEXT_ENCODER_TARGETS)]
+        if misnamed:
+            # convert_state_dict_to_diffusers renames every *_proj adapter to the text encoder's key
+            # style, which diffusers' loader then cannot place in a UNet: the file would not load.
+            raise ConfigError(f"lora_target_modules {target!r} matches {misnamed[0]}, whose adapters diffusers' LoRA "
+                              f"file format stores under text-encoder key names ({', '.join(TEXT_ENCODER_TARGETS)}), "
+                              "so no loader could put them back into the UNet; leave it out")
 
 
 def layer_endings(modules: dict[str, torch.nn.Module]) -> list[str]:
@@ -85,10 +92,22 @@ def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_peft_model_state_dict(model, adapter_name=ADAPTER, save_embedding_layers=False)
 
 
+def unet_adapter_layers(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The UNet's adapters, every key in diffusers' `lora.down`/`lora.up` style.
+
+    convert_state_dict_to_diffusers renames only the attention projections' adapters; a convolution's
+    would keep peft's `lora_A`/`lora_B`. diffusers' loader decides from the file's first key whether
+    to convert the keys, so a file that mixes the two styles loads one kind of adapter and silently
+    skips the other (the demo UNet's first keys are a convolution's)."""
+    return {key.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up."): value
+            for key, value in adapter_layers(unet).items()}
+
+
 def save_adapters(folder: str, unet: torch.nn.Module, text_encoder: torch.nn.Module | None = None) -> str:
     """`folder/pytorch_lora_weights.safetensors`: the adapters of the UNet (and the text encoder), as
     diffusers saves them. Returns its path."""
-    layers = dict(unet_lora_layers=adapter_layers(unet), unet_lora_adapter_metadata=unet.peft_config[ADAPTER].to_dict())
+    layers = dict(unet_lora_layers=unet_adapter_layers(unet),
+                  unet_lora_adapter_metadata=unet.peft_config[ADAPTER].to_dict())
     if text_encoder is not None:
         layers.update(text_encoder_lora_layers=adapter_layers(text_encoder),
                       text_encoder_lora_adapter_metadata=text_encoder.peft_config[ADAPTER].to_dict())

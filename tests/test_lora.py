@@ -9,6 +9,8 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.utils import convert_unet_state_dict_to_peft
+from peft.utils import get_peft_model_state_dict
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import CLIPTextModel
@@ -17,6 +19,7 @@ import generate
 import train_unet
 from ldm.config import ConfigError
 from ldm.hub import LORA_WEIGHTS
+from ldm.lora import check_targets
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.text import text_encoder_config
 from tests.conftest import TINY_TEXT_ENCODER, TINY_UNET, TINY_VAE, run_in_two_processes
@@ -41,7 +44,10 @@ def base(tmp_path_factory, tiny_tokenizer) -> str:
     torch.manual_seed(0)
     LatentDiffusionPipeline(
         vae=AutoencoderKL.from_config({**TINY_VAE, "scaling_factor": 0.8}),
-        unet=UNet2DConditionModel.from_config(TINY_UNET),
+        # attention only in the lower block, as in the demo UNet: the file's first keys are then a
+        # convolution's, which decides how diffusers' loader reads every key (see assert_every_unet_adapter_loaded)
+        unet=UNet2DConditionModel.from_config(dict(TINY_UNET, down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+                                                   up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"])),
         text_encoder=CLIPTextModel(text_encoder_config(tiny_tokenizer, **TINY_TEXT_ENCODER)), tokenizer=tiny_tokenizer,
         scheduler=DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, steps_offset=1),
     ).save_pretrained(folder)
@@ -111,12 +117,23 @@ def test_checkpoints_hold_only_the_adapters_and_a_resumed_run_ends_with_the_same
     assert "latents" in caches and "texts" not in caches
 
 
+def assert_every_unet_adapter_loaded(pipe, folder):
+    """The file's UNet adapters, attention projections and convolutions alike, are the pipeline's: diffusers'
+    loader judges the whole file's key style by its first key, and silently skips what does not fit."""
+    saved = load_file(os.path.join(folder, LORA_WEIGHTS))
+    saved = convert_unet_state_dict_to_peft({key[5:]: value for key, value in saved.items() if key.startswith("unet.")})
+    loaded = get_peft_model_state_dict(pipe.unet, adapter_name=next(iter(pipe.unet.peft_config)))
+    assert saved.keys() == loaded.keys()
+    assert all(torch.equal(saved[key], loaded[key]) for key in saved)
+
+
 def test_our_pipeline_and_diffusers_draw_the_same_with_the_adapters_and_the_base_without(trained, base):
     ours = LatentDiffusionPipeline.from_pretrained(base)
     theirs = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
     without = draw(ours)
     for pipe in (ours, theirs):
         pipe.load_lora_weights(trained)
+        assert_every_unet_adapter_loaded(pipe, trained)
     adapted = draw(ours)
     assert abs(adapted - draw(theirs)).max() <= 1e-4
     assert abs(adapted - without).max() > 1e-2
@@ -181,10 +198,22 @@ BAD_SETTINGS = {  # flags (after the base pipeline's, where "base" stands for it
                        "lora_target_modules 'to_z' matches no module; the Linear and Conv2d layers of the UNet end "
                        "in: conv, conv1, conv2,"),
     "a normalisation": (["base", "--lora_rank", "4", "--lora_target_modules", "norm1"],
-                        "lora_target_modules 'norm1' matches down_blocks.0.attentions.0.transformer_blocks.0.norm1 "
-                        "(LayerNorm), which LoRA does not adapt here"),
+                        "lora_target_modules 'norm1' matches down_blocks.0.resnets.0.norm1 "
+                        "(GroupNorm), which LoRA does not adapt here"),
     "a UNet alone": (["unet", "--lora_rank", "4"], "holds a UNet2DConditionModel, not a pipeline"),
 }
+
+
+def test_unet_layers_with_text_encoder_names_are_refused():
+    """diffusers' format renames adapters on any *.q_proj to text-encoder keys (the demo UNet's text pool
+    has q/k/v_proj): saved, they would not load back into the UNet."""
+    pool = torch.nn.Module()
+    pool.q_proj, pool.proj = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    unet = torch.nn.Module()
+    unet.pool = pool
+    check_targets(unet, ["proj"])
+    with pytest.raises(ConfigError, match="lora_target_modules 'q_proj' matches pool.q_proj, whose adapters"):
+        check_targets(unet, ["q_proj"])
 
 
 @pytest.mark.parametrize("case", BAD_SETTINGS)
