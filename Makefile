@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo distill-demo test test-slow install clean
+.PHONY: demo distill-demo lora-demo test test-slow install clean
 
 install: $(INSTALLED)
 
@@ -41,6 +41,11 @@ distill-demo: $(INSTALLED)
 	$(PY) generate.py --model outputs/lcm-demo --prompts_file configs/demo_prompts.txt --output_dir samples/lcm-demo
 	cp samples/lcm-demo/grid.png samples/lcm-demo.png
 	@echo "wrote samples/lcm-demo.png"
+
+# A LoRA adapter that teaches the `make demo` model a new style, colour inversion under the word
+# "inverted", and the demo prompts drawn without and with it, side by side (samples/lora-demo.png).
+lora-demo: $(INSTALLED)
+	$(PY) -m ldm.lora_demo
 
 clean:
 	rm -rf $(VENV) outputs samples
