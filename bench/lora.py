@@ -3,14 +3,17 @@
 
     .venv/bin/python bench/lora.py [--minutes 2] [--base outputs/unet-demo] [--data outputs/lora-data]
 
-Needs `make demo` (the base) and the concept's images (`python -m ldm.lora_demo` writes them; so
-does this script when they are missing). Every variant trains the UNet alone, the text encoder
-frozen, on the same data, batch, schedule and precision, through train_unet.py in its own process:
-a 40-step probe measures its images/s, then it trains for the steps that fit in --minutes. Per
+Needs `make demo` (the base) and the concept's data (`python -m ldm.lora_demo` writes it; so does
+this script when it is missing): the styled images and, as the prior, the same emoji as they are. Every variant trains the UNet alone, the text encoder
+frozen, on the same data, batch, schedule and precision, through train_unet.py in its own process
+(learning rate 2e-4 for full fine-tuning, 1e-3 for the adapters, each the usual order for its kind):
+a 50-step probe measures its images/s, then it trains for the steps that fit in --minutes. Per
 variant:
-- trainable parameters and optimizer-state bytes (the AdamW state of its checkpoint: optimizer.bin);
-- training images/s (train_unet.py's own meter) and the peak RssAnon of the training process
-  (sampled every 0.1 s; resident anonymous memory, which counts no memory-mapped file pages);
+- trainable parameters and optimizer-state bytes (the AdamW state in the probe's checkpoint: optimizer.bin);
+- training images/s (train_unet.py's own meter), the run's wall minutes (start-up and the final
+  export included) and the peak RssAnon of the training process (sampled every 0.1 s; resident
+  anonymous memory, which counts no memory-mapped file pages; the final export and grid included,
+  where full fine-tuning copies the UNet; the frozen base stays float32 in every variant);
 - the file a user ships: the adapter, or the whole fine-tuned UNet's weights;
 - adherence@5 on the concept: for 100 of its captions, whether the drawn image's own concept image
   is among the 5 nearest of the concept's images (chance 5/454 ≈ 1.1%);
@@ -39,7 +42,7 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 from adherence import Probe, adherence_at_5, draw  # noqa: E402
 
 from ldm.hub import LORA_WEIGHTS  # noqa: E402
-from ldm.lora_demo import write_concept  # noqa: E402
+from ldm.lora_demo import STYLE_WORD, write_concept  # noqa: E402
 from ldm.pipeline import LatentDiffusionPipeline  # noqa: E402
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj"]  # configs/unet/lora_demo.yaml's
@@ -48,7 +51,9 @@ VARIANTS = {  # name → flags beyond the common ones
     **{f"LoRA rank {rank}": ["--lora_rank", str(rank), "--lora_target_modules", *TARGETS, "--learning_rate", "1e-3"]
        for rank in (4, 16, 64)},
 }
-PROBE_STEPS = 40
+# The probe checkpoints at step 30 (for its optimizer state) and runs 20 more steps: train_unet.py's
+# images/s is over the last 20 steps, and a checkpoint restarts that count.
+PROBE_STEPS, PROBE_CHECKPOINT = 50, 30
 BATCH = 64
 GUIDANCE = 5.0
 
@@ -73,10 +78,12 @@ def rss_anon_mib(pid: int) -> float:
     return 0.0
 
 
-def train(flags: list[str], output_dir: str, steps: int) -> tuple[dict, float]:
-    """One train_unet.py run of `steps` steps, ending with a checkpoint; its metrics and peak RssAnon (MiB)."""
+def train(flags: list[str], output_dir: str, steps: int, checkpoint: int = 100000) -> tuple[dict, float]:
+    """One train_unet.py run of `steps` steps (checkpointing at `checkpoint`): its metrics with its wall
+    minutes (start-up, caches and the final export included), and its peak RssAnon (MiB)."""
     command = [sys.executable, "train_unet.py", *flags, "--output_dir", output_dir, "--max_train_steps", str(steps),
-               "--checkpointing_steps", str(steps)]
+               "--checkpointing_steps", str(checkpoint)]
+    started = time.perf_counter()
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     peak = [0.0]
 
@@ -91,13 +98,14 @@ def train(flags: list[str], output_dir: str, steps: int) -> tuple[dict, float]:
     sampler.join()
     if process.returncode:
         raise RuntimeError(f"train_unet.py failed:\n{errors[-3000:]}")
-    return json.load(open(os.path.join(output_dir, "metrics.json"))), peak[0]
+    metrics = json.load(open(os.path.join(output_dir, "metrics.json")))
+    return dict(metrics, minutes=(time.perf_counter() - started) / 60), peak[0]
 
 
 def concept(data: str, count: int = 100) -> tuple[torch.Tensor, list[int], list[str]]:
-    """The concept's images in [0, 1], the indices of `count` evenly spread ones, and their captions."""
+    """The concept's (styled) images in [0, 1], the indices of `count` evenly spread ones, and their captions."""
     with open(os.path.join(data, "metadata.jsonl"), encoding="utf-8") as file:
-        rows = [json.loads(line) for line in file]
+        rows = [row for row in map(json.loads, file) if row["text"].endswith(" " + STYLE_WORD)]
     images = torch.stack([torch.from_numpy(np.asarray(Image.open(os.path.join(data, row["file_name"])).convert("RGB"),
                                                       dtype=np.float32) / 255).permute(2, 0, 1) for row in rows])
     chosen = np.linspace(0, len(rows) - 1, count).round().astype(int).tolist()
@@ -121,10 +129,13 @@ def shipped_bytes(run: str) -> int:
                            else os.path.join(run, "unet", "diffusion_pytorch_model.safetensors"))
 
 
-def trainable_parameters(run: str, steps: int) -> int:
-    """From the checkpoint's AdamW state: one exp_avg tensor per trainable parameter tensor."""
-    state = torch.load(os.path.join(run, f"checkpoint-{steps}", "optimizer.bin"), weights_only=True)["state"]
-    return sum(entry["exp_avg"].numel() for entry in state.values())
+def optimizer_state(run: str) -> tuple[int, int]:
+    """(trainable parameters, bytes of optimizer state) from a checkpoint's AdamW state: one exp_avg and
+    one exp_avg_sq per trainable tensor."""
+    path = os.path.join(run, f"checkpoint-{PROBE_CHECKPOINT}", "optimizer.bin")
+    state = torch.load(path, weights_only=True)["state"].values()
+    moments = [entry[name] for entry in state for name in ("exp_avg", "exp_avg_sq")]
+    return sum(entry["exp_avg"].numel() for entry in state), sum(t.numel() * t.element_size() for t in moments)
 
 
 def main() -> None:
@@ -143,21 +154,22 @@ def main() -> None:
     print(f"base: adherence@5 on its own captions {base_old:.0%}, on the concept {base_concept:.0%} "
           f"({len(images)} concept images)", flush=True)
     print(f"\n{args.minutes:g} minutes of training each, batch {BATCH}, bf16; guidance {GUIDANCE:g}\n")
-    print("| variant | trainable parameters | optimizer state | images/s | peak RssAnon | file | steps | "
+    print("| variant | trainable parameters | optimizer state | images/s | peak RssAnon | file | steps | minutes | "
           "concept adherence@5 | own captions (base " f"{base_old:.0%}) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, flags in VARIANTS.items():
         folder = os.path.join(args.root, name.replace(" ", "-"))
         flags = [*common_flags(args.base, args.data), *flags]
-        probe, _ = train(flags, folder + "-probe", PROBE_STEPS)
+        probe, _ = train(flags, folder + "-probe", PROBE_STEPS, PROBE_CHECKPOINT)
         steps = max(PROBE_STEPS, round(args.minutes * 60 * probe["images_per_second"] / BATCH))
         metrics, peak = train(flags, folder, steps)
         pipeline = trained_pipeline(args.base, folder)
         on_concept = adherence_at_5(draw(pipeline, captions, GUIDANCE, old.steps, 32), chosen, images)
-        optimizer_bytes = os.path.getsize(os.path.join(folder, f"checkpoint-{steps}", "optimizer.bin"))
-        print(f"| {name} | {trainable_parameters(folder, steps):,} | {optimizer_bytes / 2**20:.1f} MiB | "
+        trainable, optimizer_bytes = optimizer_state(folder + "-probe")
+        print(f"| {name} | {trainable:,} | {optimizer_bytes / 2**20:.1f} MiB | "
               f"{metrics['images_per_second']:.0f} | {peak:.0f} MiB | {shipped_bytes(folder) / 2**20:.2f} MiB | "
-              f"{steps} | {on_concept:.0%} | {old.score(GUIDANCE, pipeline):.0%} |", flush=True)
+              f"{steps} | {metrics['minutes']:.1f} | {on_concept:.0%} | {old.score(GUIDANCE, pipeline):.0%} |",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -352,7 +352,8 @@ def describe_lora(repo_id: str, settings: dict) -> str:
     text_encoder = " and the text encoder's attention projections" if settings.get("train_text_encoder_lora") else ""
     targets = " ".join(settings.get("lora_target_modules") or [])
     concept = settings.get("lora_concept")
-    prompt = f"{concept} red heart" if concept else "red heart"
+    # the concept's words after the subject, where the demo's captions put them
+    prompt = f"red heart {concept}" if concept else "red heart"
     return (f"LoRA adapters (arXiv 2106.09685) for the text-to-image pipeline {where}, trained with ldm: rank "
             f"{settings.get('lora_rank')}, alpha {settings.get('lora_alpha') or settings.get('lora_rank')}, on the "
             f"UNet's `{targets}`{text_encoder}."

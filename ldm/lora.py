@@ -48,7 +48,8 @@ def check_targets(model: torch.nn.Module, targets: list[str], what: str = "UNet"
                        if wrong else "matches no module")
             raise ConfigError(f"lora_target_modules {target!r} {problem}; the Linear and Conv2d layers of the "
                               f"{what} end in: {', '.join(layer_endings(modules))}")
-        misnamed = [name for name in matched if what == "UNet" and name.endswith(TEXT_ENCODER_TARGETS)]
+        misnamed = [name for name in matched
+                    if what == "UNet" and any(matches(name, projection) for projection in TEXT_ENCODER_TARGETS)]
         if misnamed:
             # convert_state_dict_to_diffusers renames every *_proj adapter to the text encoder's key
             # style, which diffusers' loader then cannot place in a UNet: the file would not load.
@@ -139,8 +140,8 @@ def keep_only_adapters_in_checkpoints(accelerator: Accelerator, unet: torch.nn.M
     Accelerate saves every prepared model's whole state dict, frozen base included (3.4 GB for Stable
     Diffusion's UNet against a few MB of adapters). Its pre-hooks get those lists first: the save hook
     empties the list of weights and writes `pytorch_lora_weights.safetensors` into the checkpoint
-    instead (so a checkpoint loads like the final file), and the load hook empties the list of models
-    and loads the adapters back. The optimizer, schedule, EMA and RNG states are saved as before."""
+    instead (the adapters as they are, not their average, in the final file's format, so a checkpoint
+    loads the same way), and the load hook empties the list of models and loads the adapters back. The optimizer, schedule, EMA and RNG states are saved as before."""
     def save(models: list, weights: list, folder: str) -> None:
         weights.clear()
         if accelerator.is_main_process:

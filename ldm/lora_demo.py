@@ -3,11 +3,14 @@
     python -m ldm.lora_demo
 
 The style is colour inversion, asked for by a word no caption has: "inverted". One in eight OpenMoji
-training emoji (454 images), inverted and captioned "<caption> inverted", make an imagefolder
-(outputs/lora-data); train_unet.py trains a rank-16 adapter on the `make demo` model's UNet and text
-encoder (configs/unet/lora_demo.yaml); then the demo prompts, each with "inverted", are drawn by the
-model without the adapter and with it, side by side in samples/lora-demo.png. Most of those prompts
-name emoji outside the eight, so the grid shows the style carried over to emoji it was not shown in.
+training emoji (454), inverted and captioned "<caption> inverted", and the same emoji as they are,
+under their own captions, make an imagefolder (outputs/lora-data). The plain half is the prior
+(DreamBooth's prior preservation, arXiv 2208.12242): without it the adapter learns to invert
+whatever it is asked for. train_unet.py trains a rank-16 adapter on the `make demo` model's UNet and
+text encoder (configs/unet/lora_demo.yaml); then the demo prompts, each with "inverted", are drawn
+by the model without the adapter and with it, side by side in samples/lora-demo.png. Most of those
+prompts name emoji outside the eighth, so the grid shows the style carried over to emoji it was not
+shown in.
 """
 
 from __future__ import annotations
@@ -34,16 +37,19 @@ def styled(image: Image.Image) -> Image.Image:
 
 
 def write_concept(folder: str = DATA_DIR, resolution: int = 32) -> int:
-    """The concept's imagefolder: the styled images and a metadata.jsonl of their captions. Returns the count."""
+    """The concept's imagefolder: the styled images and the plain ones, and a metadata.jsonl of their
+    captions. Returns the number of styled images."""
     train = load_openmoji(resolution)["train"]
     shutil.rmtree(folder, ignore_errors=True)
     os.makedirs(folder)
     with open(os.path.join(folder, "metadata.jsonl"), "w", encoding="utf-8") as metadata:
         for index in range(0, len(train), EVERY):
             row = train[index]
-            name = f"{index:05d}.png"
-            styled(row["image"]).save(os.path.join(folder, name))
-            metadata.write(json.dumps({"file_name": name, "text": f"{row['text']} {STYLE_WORD}"}) + "\n")
+            for name, image, caption in ((f"{index:05d}-{STYLE_WORD}.png", styled(row["image"]),
+                                          f"{row['text']} {STYLE_WORD}"),
+                                         (f"{index:05d}.png", row["image"], row["text"])):
+                image.save(os.path.join(folder, name))
+                metadata.write(json.dumps({"file_name": name, "text": caption}) + "\n")
     return len(range(0, len(train), EVERY))
 
 
@@ -59,7 +65,7 @@ def side_by_side(before: str, after: str, path: str) -> None:
 def main() -> None:
     if not os.path.isfile(os.path.join(UNET_DIR, "model_index.json")):
         sys.exit(f"lora-demo adapts the `make demo` model, and {UNET_DIR} holds none: run `make demo` first")
-    print(f"wrote {write_concept()} styled images and their captions to {DATA_DIR}")
+    print(f"wrote {write_concept()} styled images, the same as they are, and their captions to {DATA_DIR}")
     shutil.rmtree(LORA_DIR, ignore_errors=True)
     python = sys.executable
     draw = [python, "generate.py", "--model", UNET_DIR, "--prompts_file", PROMPTS, "--num_inference_steps", "25",

@@ -82,6 +82,9 @@ def train(config: UNetConfig) -> dict:
         unet.enable_gradient_checkpointing()
     text_encoder.requires_grad_(config.train_text_encoder)
     if config.lora_rank:
+        # Seeded here: building the caches draws from the global generator as many times as this process
+        # encoded chunks, so without it the adapters' start would depend on whether the cache was warm.
+        torch.manual_seed(config.seed)
         add_adapters(unet, config.lora_rank, config.lora_alpha, config.lora_target_modules)
         if config.train_text_encoder_lora:
             add_adapters(text_encoder, config.lora_rank, config.lora_alpha, TEXT_ENCODER_TARGETS)

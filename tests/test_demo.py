@@ -1,4 +1,5 @@
-"""`make demo` (ldm/demo.py): its stage commands, its failure handling, its summary and its speed probe."""
+"""`make demo` (ldm/demo.py): its stage commands, its failure handling, its summary and its speed probe;
+`make lora-demo` (ldm/lora_demo.py): its concept and its config."""
 
 import json
 import os
@@ -6,12 +7,15 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from ldm import demo
+from ldm import demo, lora_demo
 from ldm.config import UNetConfig, VAEConfig, parse_config
 from ldm.generate import parse_args, read_prompts
+from ldm.openmoji import load_openmoji
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,3 +57,27 @@ def test_the_matmul_probe_runs_for_the_time_asked_and_counts_its_flops():
     assert 0.3 <= elapsed < 2.0
     # one 256×256 matmul is 2·256³ ≈ 0.034 GFLOP; a CPU does at least a few of them in 0.3 s
     assert 0.5 < gflops < 100_000
+
+
+# ---------------------------------------------------------------- make lora-demo
+
+
+def test_the_lora_demo_concept_is_inverted_training_emoji_under_the_new_word(openmoji_32, tmp_path):
+    count = lora_demo.write_concept(str(tmp_path / "concept"))
+    rows = [json.loads(line) for line in open(tmp_path / "concept" / "metadata.jsonl", encoding="utf-8")]
+    train = load_openmoji(32)["train"]
+    assert 2 * count == len(rows) and count == len(range(0, len(train), lora_demo.EVERY))
+    first = train[0]
+    assert [row["text"] for row in rows[:2]] == [f"{first['text']} inverted", first["text"]]  # styled, then prior
+    styled, plain = (np.asarray(Image.open(tmp_path / "concept" / row["file_name"]), dtype=int) for row in rows[:2])
+    assert (styled == 255 - np.asarray(first["image"].convert("RGB"), dtype=int)).all()
+    assert (plain == np.asarray(first["image"].convert("RGB"), dtype=int)).all()
+    assert not any("inverted" in caption.split() for caption in train["text"])  # a word the model never saw
+
+
+def test_the_lora_demo_config_adapts_the_demo_model(monkeypatch):
+    monkeypatch.chdir(REPO)
+    config = parse_config(UNetConfig, ["--config", "configs/unet/lora_demo.yaml"])
+    assert config.pretrained_model_name_or_path == demo.UNET_DIR and config.lora_rank
+    assert config.train_data_dir == lora_demo.DATA_DIR and config.output_dir == lora_demo.LORA_DIR
+    assert all(line.endswith(" inverted") for line in open(lora_demo.PROMPTS, encoding="utf-8").read().splitlines())

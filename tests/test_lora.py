@@ -145,12 +145,30 @@ def test_our_pipeline_and_diffusers_draw_the_same_with_the_adapters_and_the_base
     assert abs(draw(ours) - without).max() <= 1e-6 and abs(draw(theirs) - without).max() <= 1e-4
 
 
+def adapted_conv1(unet):
+    return next(module for name, module in unet.named_modules() if name.endswith("conv1") and
+                hasattr(module, "base_layer"))
+
+
+def test_fast_mode_draws_with_the_adapters_loaded_after_its_first_call(trained, base):
+    plain, fast = LatentDiffusionPipeline.from_pretrained(base), LatentDiffusionPipeline.from_pretrained(base)
+    fast.enable_fast_mode()
+    draw(fast)  # makes the low-precision copy of the UNet without adapters
+    for pipe in (plain, fast):
+        pipe.load_lora_weights(trained)
+    assert abs(draw(fast) - draw(plain)).max() < 0.03  # bf16's usual distance, not the adapters'
+
+
 def test_fused_adapters_draw_what_the_unfused_ones_draw(trained, base):
     pipe = LatentDiffusionPipeline.from_pretrained(base)
     without = draw(pipe)
     pipe.load_lora_weights(trained, adapter_name="emoji")
+    # alpha 8 at rank 4, from the file's metadata: without it a loader would take alpha = rank
+    assert pipe.unet.peft_config["emoji"].lora_alpha == pipe.text_encoder.peft_config["emoji"].lora_alpha == 8
     unfused = draw(pipe)
+    base_weight = adapted_conv1(pipe.unet).base_layer.weight.clone()
     pipe.fuse_lora()
+    assert not torch.equal(base_weight, adapted_conv1(pipe.unet).base_layer.weight)  # the adapters went in
     assert abs(draw(pipe) - unfused).max() <= 1e-4
     pipe.unfuse_lora()
     pipe.set_adapters(["emoji"], adapter_weights=[0.0])
