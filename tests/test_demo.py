@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from ldm import demo, lora_demo
@@ -75,9 +76,11 @@ def test_the_lora_demo_concept_is_inverted_training_emoji_under_the_new_word(ope
     assert not any("inverted" in caption.split() for caption in train["text"])  # a word the model never saw
 
 
-def test_the_lora_demo_config_adapts_the_demo_model(monkeypatch):
+def test_the_lora_demo_config_adapts_the_demo_model(monkeypatch, tmp_path):
     monkeypatch.chdir(REPO)
-    config = parse_config(UNetConfig, ["--config", "configs/unet/lora_demo.yaml"])
+    with open("configs/unet/lora_demo.yaml", encoding="utf-8") as file:
+        assert yaml.safe_load(file)["train_data_dir"] == lora_demo.DATA_DIR  # made by the demo before training
+    config = parse_config(UNetConfig, ["--config", "configs/unet/lora_demo.yaml", "--train_data_dir", str(tmp_path)])
     assert config.pretrained_model_name_or_path == demo.UNET_DIR and config.lora_rank
-    assert config.train_data_dir == lora_demo.DATA_DIR and config.output_dir == lora_demo.LORA_DIR
+    assert config.output_dir == lora_demo.LORA_DIR and config.train_text_encoder_lora
     assert all(line.endswith(" inverted") for line in open(lora_demo.PROMPTS, encoding="utf-8").read().splitlines())
