@@ -1,12 +1,15 @@
 """Full fine-tuning against LoRA (rank 4, 16 and 64) of the demo UNet, each teaching it the
 `make lora-demo` concept (colour inversion under the word "inverted") for the same minutes.
 
-    .venv/bin/python bench/lora.py [--minutes 2] [--base outputs/unet-demo] [--data outputs/lora-data]
+    .venv/bin/python bench/lora.py [--minutes 2] [--base outputs/unet-demo] [--data outputs/lora-data] [--unet_only]
 
 Needs `make demo` (the base) and the concept's data (`python -m ldm.lora_demo` writes it; so does
-this script when it is missing): the styled images and, as the prior, the same emoji as they are. Every variant trains the UNet alone, the text encoder
-frozen, on the same data, batch, schedule and precision, through train_unet.py in its own process
-(learning rate 2e-4 for full fine-tuning, 1e-3 for the adapters, each the usual order for its kind):
+this script when it is missing): the styled images and, as the prior, the same emoji as they are. Full fine-tuning trains the UNet (a pipeline's
+text encoder stays frozen in train_unet.py); the adapters sit on the UNet and on the text encoder,
+as in `make lora-demo`: the text encoder learns what the new word means, so the UNet need not change
+what it draws for every other prompt (`--unet_only` leaves the text encoder's out, to show that). Every variant trains on the same data, batch, schedule and
+precision, through train_unet.py in its own process (learning rate 2e-4 for full fine-tuning, 1e-3
+for the adapters, each the usual order for its kind):
 a 50-step probe measures its images/s, then it trains for the steps that fit in --minutes. Per
 variant:
 - trainable parameters and optimizer-state bytes (the AdamW state in the probe's checkpoint: optimizer.bin);
@@ -48,8 +51,8 @@ from ldm.pipeline import LatentDiffusionPipeline  # noqa: E402
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj"]  # configs/unet/lora_demo.yaml's
 VARIANTS = {  # name → flags beyond the common ones
     "full fine-tuning": ["--learning_rate", "2e-4"],
-    **{f"LoRA rank {rank}": ["--lora_rank", str(rank), "--lora_target_modules", *TARGETS, "--learning_rate", "1e-3"]
-       for rank in (4, 16, 64)},
+    **{f"LoRA rank {rank}": ["--lora_rank", str(rank), "--lora_target_modules", *TARGETS, "--train_text_encoder_lora",
+                             "--learning_rate", "1e-3"] for rank in (4, 16, 64)},
 }
 # The probe checkpoints at step 30 (for its optimizer state) and runs 20 more steps: train_unet.py's
 # images/s is over the last 20 steps, and a checkpoint restarts that count.
@@ -144,6 +147,7 @@ def main() -> None:
     parser.add_argument("--base", default="outputs/unet-demo")
     parser.add_argument("--data", default="outputs/lora-data")
     parser.add_argument("--root", default="outputs/bench-lora")
+    parser.add_argument("--unet_only", action="store_true", help="adapters on the UNet alone")
     args = parser.parse_args()
     if not os.path.isfile(os.path.join(args.data, "metadata.jsonl")):
         write_concept(args.data)
@@ -159,7 +163,8 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, flags in VARIANTS.items():
         folder = os.path.join(args.root, name.replace(" ", "-"))
-        flags = [*common_flags(args.base, args.data), *flags]
+        flags = [*common_flags(args.base, args.data), *(f for f in flags if not (args.unet_only and
+                                                                                 f == "--train_text_encoder_lora"))]
         probe, _ = train(flags, folder + "-probe", PROBE_STEPS, PROBE_CHECKPOINT)
         steps = max(PROBE_STEPS, round(args.minutes * 60 * probe["images_per_second"] / BATCH))
         metrics, peak = train(flags, folder, steps)
