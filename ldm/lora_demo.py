@@ -5,8 +5,8 @@
 The style is colour inversion, asked for by a word no caption has: "inverted". One in eight OpenMoji
 training emoji (454), inverted and captioned "<caption> inverted", and the same emoji as they are,
 under their own captions, make an imagefolder (outputs/lora-data). The plain half is the prior
-(DreamBooth's prior preservation, arXiv 2208.12242): without it the adapter learns to invert
-whatever it is asked for. train_unet.py trains a rank-16 adapter on the `make demo` model's UNet and
+(DreamBooth's prior preservation, arXiv 2208.12242): every caption without the word shows the emoji
+unchanged, so that the adapter ties the inversion to the word. train_unet.py trains a rank-16 adapter on the `make demo` model's UNet and
 text encoder (configs/unet/lora_demo.yaml); then the demo prompts, each with "inverted", are drawn
 by the model without the adapter and with it, side by side in samples/lora-demo.png. Most of those
 prompts name emoji outside the eighth, so the grid shows the style carried over to emoji it was not
