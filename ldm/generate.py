@@ -33,7 +33,8 @@ from transformers import HfArgumentParser
 from ldm.chunks import partial_name
 from ldm.data import open_rgb
 from ldm.hub import HubError, find_lora, find_model, is_hub_id, named_revision, read_distillation
-from ldm.pipeline import LatentDiffusionPipeline, binary_mask, default_strength, edit_steps
+from ldm.editing import binary_mask, default_strength, edit_steps
+from ldm.pipeline import LatentDiffusionPipeline
 from ldm.schedulers import resolve_scheduler, scheduler_name
 from ldm.watermark import size_problem
 
