@@ -22,7 +22,7 @@ import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from accelerate import PartialState
@@ -111,6 +111,8 @@ def parse_args(argv: list[str] | None = None) -> GenerateConfig:
 
 def read_prompts(config: GenerateConfig) -> list[str]:
     prompts = list(config.prompt)
+    if any(not prompt.strip() for prompt in prompts):
+        raise ValueError("--prompt is empty: describe the image to draw")
     if config.prompts_file is not None:
         if not os.path.isfile(config.prompts_file):
             raise ValueError(f"--prompts_file {config.prompts_file} does not exist")
@@ -300,13 +302,40 @@ def prepare(config: GenerateConfig, device: torch.device | None = None
     check_config(config)
     prompts = read_prompts(config)
     edit = read_edit_inputs(config)
+    pipe = load_model(config, device)
+    settle(pipe, config, read_distillation(config.model, config.revision), edit)
+    configure(pipe, config)
+    return pipe, prompts, edit
+
+
+def load_model(config: GenerateConfig, device: torch.device | None = None) -> LatentDiffusionPipeline:
+    """--model with its --lora adapters, on `device` (default: --device). The adapters' file is found
+    first: a missing one fails before the model loads."""
     lora = lora_file(config.lora) if config.lora is not None else None
     device = device or resolve_device(config.device)
     pipe = load_pipeline(config.model, config.revision, DTYPES[config.dtype])
     if lora is not None:
         load_lora(pipe, lora, config.lora)
-        config.lora_scale = 1.0 if config.lora_scale is None else config.lora_scale
-    distilled = read_distillation(config.model, config.revision)
+    return pipe.to(device)
+
+
+def configure(pipe: LatentDiffusionPipeline, config: GenerateConfig) -> None:
+    """The sampler, precision and decoding `config` asks for."""
+    if config.scheduler is not None:
+        pipe.set_scheduler(config.scheduler)
+    if config.fast:
+        pipe.enable_fast_mode()
+    if config.vae_tiling:
+        pipe.vae.enable_tiling()
+
+
+def settle(pipe: LatentDiffusionPipeline, config: GenerateConfig, distilled: dict,
+           edit: EditInputs | None = None) -> None:
+    """The defaults that depend on the loaded model (a distilled model's own steps and guidance,
+    its native size) filled into `config`, and the checks that need the model. The web UI
+    (ldm/app.py) settles each request with this too, so both draw from the same settings."""
+    if config.lora is not None and config.lora_scale is None:
+        config.lora_scale = 1.0
     config.num_inference_steps = config.num_inference_steps or distilled.get("num_inference_steps", DEFAULT_STEPS)
     if config.guidance_scale is None:
         config.guidance_scale = distilled.get("guidance_scale", DEFAULT_GUIDANCE)
@@ -317,13 +346,6 @@ def prepare(config: GenerateConfig, device: torch.device | None = None
     check_size(pipe, config.height, config.width)
     if config.watermark:
         config.watermark = can_carry_watermark(edit, config)
-    if config.scheduler is not None:
-        pipe.set_scheduler(config.scheduler)
-    if config.fast:
-        pipe.enable_fast_mode()
-    if config.vae_tiling:
-        pipe.vae.enable_tiling()
-    return pipe.to(device), prompts, edit
 
 
 def can_carry_watermark(edit: EditInputs | None, config: GenerateConfig) -> bool:
@@ -368,6 +390,12 @@ def image_jobs(prompts: list[str], config: GenerateConfig) -> list[ImageJob]:
             for k, prompt in enumerate(prompts) for j in range(per_prompt)]
 
 
+def in_batches(jobs: list[ImageJob], batch_size: int) -> list[list[ImageJob]]:
+    """The pipeline calls, in order. An image's pixels depend on the size of the batch it is drawn
+    in (the CPU's matmuls block differently), so whoever wants generate.py's images batches alike."""
+    return [jobs[i:i + batch_size] for i in range(0, len(jobs), batch_size)]
+
+
 def generate(pipe: LatentDiffusionPipeline, prompts: list[str], config: GenerateConfig,
              edit: EditInputs | None = None, state: PartialState | None = None) -> list[str]:
     """Draw every image, then move the PNGs and `grid.png` into `config.output_dir`; returns their paths.
@@ -377,7 +405,7 @@ def generate(pipe: LatentDiffusionPipeline, prompts: list[str], config: Generate
     """
     state = state or PartialState()
     jobs = image_jobs(prompts, config)
-    batches = [jobs[i:i + config.batch_size] for i in range(0, len(jobs), config.batch_size)]
+    batches = in_batches(jobs, config.batch_size)
     # Staged beside the output folder, on its file system, so that each file's move is a rename.
     parent = os.path.dirname(os.path.abspath(config.output_dir))
     os.makedirs(parent, exist_ok=True)
@@ -413,18 +441,37 @@ def describe_share(share: list[list[ImageJob]]) -> str:
 
 def draw_batch(pipe: LatentDiffusionPipeline, batch: list[ImageJob], config: GenerateConfig,
                edit: EditInputs | None, folder: str) -> None:
+    for job, (image, metadata) in zip(batch, draw(pipe, batch, config, edit)):
+        image.save(os.path.join(folder, job.file_name), pnginfo=metadata)
+
+
+def draw(pipe: LatentDiffusionPipeline, batch: list[ImageJob], config: GenerateConfig,
+         edit: EditInputs | None = None, on_step: Callable[[int], None] | None = None
+         ) -> list[tuple[Image.Image, PngInfo]]:
+    """One pipeline call: the batch's images, each with the text chunk its PNG carries. generate.py
+    and the web UI (ldm/app.py) both draw through here, so the same settings give the same pixels.
+    `on_step(i)` is called after each denoising step i (the web UI's progress bar)."""
     edit_args = {} if edit is None else dict(image=edit.image, mask_image=edit.mask, strength=config.strength,
                                              padding_mask_crop=config.padding_mask_crop)
     lora_args = {} if config.lora is None else dict(cross_attention_kwargs={"scale": config.lora_scale})
+    step_args = {} if on_step is None else dict(callback_on_step_end=after_each_step(on_step))
     drawn = pipe([job.prompt for job in batch], negative_prompt=config.negative_prompt,
                  num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
                  height=config.height, width=config.width, watermark=config.watermark, **edit_args, **lora_args,
+                 **step_args,
                  # CPU generators, so a seed draws the same image on every device.
                  generator=[torch.Generator("cpu").manual_seed(job.seed) for job in batch]).images
     sampler = scheduler_name(pipe.scheduler)
-    for job, image in zip(batch, drawn):
-        metadata = png_metadata(config, prompt=job.prompt, seed=job.seed, scheduler=sampler, edit=edit)
-        image.save(os.path.join(folder, job.file_name), pnginfo=metadata)
+    return [(image, png_metadata(config, prompt=job.prompt, seed=job.seed, scheduler=sampler, edit=edit))
+            for job, image in zip(batch, drawn)]
+
+
+def after_each_step(on_step: Callable[[int], None]) -> Callable:
+    """`on_step(i)` as the pipeline's callback_on_step_end, leaving the latents as they are."""
+    def callback(_pipe, i, _timestep, _tensors) -> dict:
+        on_step(i)
+        return {}
+    return callback
 
 
 def png_metadata(config: GenerateConfig, prompt: str, seed: int, scheduler: str,
