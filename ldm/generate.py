@@ -391,8 +391,8 @@ def image_jobs(prompts: list[str], config: GenerateConfig) -> list[ImageJob]:
 
 
 def in_batches(jobs: list[ImageJob], batch_size: int) -> list[list[ImageJob]]:
-    """The pipeline calls, in order. An image's pixels depend on the size of the batch it is drawn
-    in (the CPU's matmuls block differently), so whoever wants generate.py's images batches alike."""
+    """The pipeline calls, in order, `batch_size` images each. An inpainted image depends on its batch
+    (see --batch_size), so whoever wants generate.py's images, the web UI included, batches alike."""
     return [jobs[i:i + batch_size] for i in range(0, len(jobs), batch_size)]
 
 

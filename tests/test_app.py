@@ -1,0 +1,208 @@
+"""The web UI (ldm/app.py): its form follows the model, and in a real browser (headless Chromium
+through Selenium, the app a real `python -m ldm.app` process) it draws generate.py's very PNG."""
+
+import json
+import os
+import runpy
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, LCMScheduler, UNet2DConditionModel
+from PIL import Image
+from selenium.webdriver.common.by import By
+from transformers import CLIPTextModel
+
+from ldm.app import build, draw_request, in_page, parse_args, request_config, serve
+from ldm.consistency import student_from
+from ldm.options import ModelKind, applicable_options, left_out, samplers_for
+from ldm.pipeline import LatentDiffusionPipeline
+from ldm.text import text_encoder_config
+from tests.browser import (ROOT, app_server, captions, chromium, download_first_image, error_messages, generate,
+                           type_into, wait_for)
+from tests.conftest import TINY_TEXT_ENCODER, TINY_UNET, TINY_VAE
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def save_tiny_pipeline(folder, tokenizer, distilled: bool = False) -> str:
+    """The conftest's tiny components as a saved pipeline; `distilled`: an LCM student of it, as
+    ldm/distill.py saves one (guidance input, LCMScheduler, distillation.json)."""
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(text_encoder_config(tokenizer, **TINY_TEXT_ENCODER)).eval()
+    vae, unet = AutoencoderKL.from_config(TINY_VAE), UNet2DConditionModel.from_config(TINY_UNET)
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              clip_sample=False, set_alpha_to_one=False)
+    if distilled:
+        unet = student_from(unet, 32)
+        scheduler = LCMScheduler.from_config(scheduler.config, original_inference_steps=50)
+    LatentDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                            scheduler=scheduler).save_pretrained(folder)
+    if distilled:
+        facts = {"method": "lcm", "teacher": "tiny", "num_inference_steps": 3, "guidance_scale": 4.0}
+        (folder / "distillation.json").write_text(json.dumps(facts))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_tokenizer):
+    return save_tiny_pipeline(tmp_path_factory.mktemp("app") / "pipeline", tiny_tokenizer)
+
+
+# ---------------------------------------------------------------- which options a model takes
+
+
+def test_each_kind_of_model_is_offered_only_its_options():
+    plain = ModelKind()
+    assert "negative_prompt" in applicable_options(plain) and "lora_scale" not in applicable_options(plain)
+    assert "lcm" not in samplers_for(plain) and {"ddim", "euler_a", "dpm++2m_karras"} <= set(samplers_for(plain))
+    assert "lora_scale" in applicable_options(ModelKind(lora=True))
+    lcm = ModelKind(distillation={"method": "lcm", "num_inference_steps": 4})
+    assert samplers_for(lcm) == ("lcm", "tcd") and "negative_prompt" in left_out(lcm)
+    assert "num_inference_steps" in applicable_options(lcm)
+    progressive = ModelKind(distillation={"method": "progressive", "num_inference_steps": 4})
+    assert samplers_for(progressive) == ("ddim",)
+    assert left_out(progressive)["num_inference_steps"] == "a progressive student samples at exactly its own 4 steps"
+
+
+def form_ids(demo) -> dict[str, dict]:
+    return {block["props"]["elem_id"]: block["props"] for block in demo.config["components"]
+            if block["props"].get("elem_id")}
+
+
+def test_a_distilled_model_s_page_offers_its_samplers_and_draws_at_its_own_steps(tmp_path, tiny_tokenizer):
+    folder = save_tiny_pipeline(tmp_path / "lcm", tiny_tokenizer, distilled=True)
+    _, config = parse_args(["--model", folder])
+    served = serve(config, str(tmp_path))
+    fields = form_ids(build(served))
+    assert "negative_prompt" not in fields and "lora_scale" not in fields
+    assert [choice[0] for choice in fields["scheduler"]["choices"]] == ["lcm", "tcd"]
+    assert (fields["scheduler"]["value"], fields["num_inference_steps"]["value"]) == ("lcm", 3)
+    assert fields["guidance_scale"]["value"] == 4.0
+
+    config = request_config(served, dict(prompt="red heart", seed=3, random_seed=False, scheduler="tcd"))
+    (path,) = draw_request(served, config, progress=lambda *args, **kwargs: None)
+    text = Image.open(path).text
+    assert (text["scheduler"], text["num_inference_steps"], text["guidance_scale"]) == ("tcd", "3", "4.0")
+
+
+def test_bad_input_becomes_a_message_in_the_form_s_words(model_dir, tmp_path):
+    _, config = parse_args(["--model", model_dir])
+    served = serve(config, str(tmp_path))
+    for values, message in [(dict(prompt="  "), "Prompt is empty: describe the image to draw"),
+                            (dict(prompt="cat", height=15), "Height 15 is not divisible by the VAE factor 2 (try 14)"),
+                            (dict(prompt="cat", num_inference_steps=0), "Steps must be at least 1, got 0")]:
+        with pytest.raises(ValueError) as error:
+            draw_request(served, request_config(served, dict(values, random_seed=True)), progress=None)
+        assert in_page(str(error.value)) == message
+    assert not os.listdir(tmp_path)  # refused before anything was drawn
+
+
+def test_a_model_that_fails_to_load_ends_the_app_with_the_reason_and_no_traceback(model_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    shutil.rmtree(broken / "unet")
+    result = subprocess.run([sys.executable, "-m", "ldm.app", "--model", str(broken), "--port", "1"], cwd=ROOT,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert f"ldm.app: error: could not load a pipeline '{broken}' from the folder" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_the_space_shim_builds_the_app_for_the_model_it_is_given(model_dir, monkeypatch):
+    monkeypatch.setenv("LDM_MODEL", model_dir)
+    demo = runpy.run_path(os.path.join(ROOT, "space", "app.py"))["demo"]
+    assert {"prompt", "seed", "generate", "gallery"} <= set(form_ids(demo))
+
+
+# ---------------------------------------------------------------- in a real browser
+
+
+@pytest.fixture(scope="module")
+def page(model_dir, tmp_path_factory):
+    """The app serving the tiny model at 2 steps by default, and a headless Chromium on it."""
+    downloads = str(tmp_path_factory.mktemp("downloads"))
+    with app_server("--model", model_dir, "--num_inference_steps", "2") as url:
+        driver = chromium(str(tmp_path_factory.mktemp("chromium-profile")), downloads)
+        try:
+            driver.get(url)
+            wait_for(driver, lambda d: d.find_elements(By.ID, "generate"))
+            yield driver, url, downloads
+        finally:
+            driver.quit()
+
+
+def test_the_page_draws_and_downloads_generate_py_s_png(page, model_dir, tmp_path):
+    driver, _, downloads = page
+    out = tmp_path / "cli"  # generate.py draws the same settings meanwhile, in a process of its own
+    cli = subprocess.Popen([sys.executable, "generate.py", "--model", model_dir, "--prompt", "red heart", "--seed", "7",
+                            "--num_images_per_prompt", "2", "--num_inference_steps", "2", "--output_dir", str(out)],
+                           cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    type_into(driver, "prompt", "red heart")
+    type_into(driver, "seed", "7")
+    type_into(driver, "num_images_per_prompt", "2")
+    assert generate(driver, images=2) == [f"seed {seed} · ddim · 2 steps · guidance 7.5 · 16×16" for seed in (7, 8)]
+    downloaded = download_first_image(driver, downloads)
+
+    assert cli.wait(timeout=300) == 0, cli.stderr.read().decode()
+    assert os.path.basename(downloaded) == "0000-red-heart-seed7.png"
+    ours, theirs = Image.open(downloaded), Image.open(out / "0000-red-heart-seed7.png")
+    assert np.array_equal(np.asarray(ours), np.asarray(theirs))
+    assert ours.text == theirs.text and ours.text["seed"] == "7"
+
+
+def test_bad_input_shows_a_message_in_that_page_only_and_the_app_carries_on(page):
+    driver, url, _ = page
+    first = driver.current_window_handle
+    driver.switch_to.new_window("window")  # a second user, with a session of their own
+    driver.get(url)
+    wait_for(driver, lambda d: d.find_elements(By.ID, "generate"))
+    driver.find_element(By.ID, "generate").click()  # the prompt is empty
+    wait_for(driver, lambda d: any("Prompt is empty: describe the image to draw" in m for m in error_messages(d)))
+    type_into(driver, "prompt", "cat face")
+    type_into(driver, "height", "15")
+    driver.find_element(By.ID, "generate").click()
+    wait_for(driver, lambda d: any("Height 15 is not divisible by the VAE factor 2 (try 14)" in message
+                                   for message in error_messages(d)))
+    assert not captions(driver)
+
+    type_into(driver, "height", "24")
+    assert generate(driver, images=1) == ["seed 0 · ddim · 2 steps · guidance 7.5 · 16×24"]
+    driver.switch_to.window(first)
+    assert not error_messages(driver)
+
+
+def open_window(driver, url) -> str:
+    """A new browser window on the app (a new Gradio session, as another user's); returns its handle."""
+    driver.switch_to.new_window("window")
+    driver.get(url)
+    wait_for(driver, lambda d: d.find_elements(By.ID, "generate"))
+    return driver.current_window_handle
+
+
+def status(driver, handle) -> str:
+    """What the gallery's status line says in window `handle`: the queue position, or the progress bar."""
+    driver.switch_to.window(handle)
+    return " ".join(e.text for e in driver.find_elements(By.CSS_SELECTOR, "#gallery [data-testid='status-tracker']"))
+
+
+def test_a_second_request_waits_in_the_queue_while_the_first_shows_its_progress(page):
+    driver, url, _ = page
+    first, second = open_window(driver, url), open_window(driver, url)
+    driver.switch_to.window(first)
+    for elem_id, value in [("prompt", "rocket"), ("num_images_per_prompt", "4"), ("num_inference_steps", "8"),
+                           ("height", "64"), ("width", "64")]:
+        type_into(driver, elem_id, value)
+    driver.find_element(By.ID, "generate").click()
+    driver.switch_to.window(second)
+    type_into(driver, "prompt", "pizza")
+    driver.find_element(By.ID, "generate").click()
+    wait_for(driver, lambda d: "step " in status(d, first) and "queue: 1/1" in status(d, second))
+    driver.switch_to.window(second)
+    assert wait_for(driver, lambda d: captions(d)) == ["seed 0 · ddim · 2 steps · guidance 7.5 · 16×16"]
+    driver.switch_to.window(first)
+    assert len(captions(driver)) == 4  # drawn before the second request ran
