@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo distill-demo lora-demo test test-slow install clean
+.PHONY: demo distill-demo lora-demo app test test-slow install clean
 
 install: $(INSTALLED)
 
@@ -14,18 +14,40 @@ install: $(INSTALLED)
 # invisible-watermark (imwatermark, the tests' reference watermark decoder) goes in last, without the
 # opencv-python it declares, whose cv2 fails to import without libGL.so.1: the test extra brings
 # opencv-python-headless and PyWavelets instead, all that imwatermark imports.
+# gradio (the `ui` extra: ldm/app.py) goes in the same way, --no-deps, then its other requirements as it
+# declares them: it caps pillow<13, and we pin pillow 13.0.0, on which the browser tests run it.
 $(INSTALLED): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[test]" -c constraints.txt
-	$(PY) -m pip install --quiet --no-deps invisible-watermark -c constraints.txt
+	$(PY) -m pip install --quiet --no-deps invisible-watermark gradio -c constraints.txt
+	$(PY) -c "$$GRADIO_REQUIREMENTS" > $(VENV)/gradio-requirements.txt
+	$(PY) -m pip install --quiet -r $(VENV)/gradio-requirements.txt -c constraints.txt
 	touch $@
 
-test: $(INSTALLED)
+# gradio's own requirements, less pillow (see above).
+define GRADIO_REQUIREMENTS
+from importlib.metadata import requires
+from packaging.requirements import Requirement
+for requirement in map(Requirement, requires("gradio")):
+    if requirement.name != "pillow" and (requirement.marker is None or requirement.marker.evaluate({"extra": ""})):
+        print(requirement)
+endef
+export GRADIO_REQUIREMENTS
+
+# The web UI's tests drive Debian's Chromium through its chromedriver (tests/browser.py). Installed when
+# missing (CI runs as root); without recommends, which would bring systemd, CUPS and Perl with them.
+CHROMEDRIVER := /usr/bin/chromedriver
+
+$(CHROMEDRIVER):
+	apt-get install -y --no-install-recommends chromium chromium-driver || \
+		(apt-get update && apt-get install -y --no-install-recommends chromium chromium-driver)
+
+test: $(INSTALLED) $(CHROMEDRIVER)
 	$(PY) -m pytest -m "not slow" -q
 
-test-slow: $(INSTALLED)
+test-slow: $(INSTALLED) $(CHROMEDRIVER)
 	$(PY) -m pytest -m slow -q
 
 # The whole system on the built-in OpenMoji at 32 px: VAE, then UNet with a from-scratch text side,
@@ -46,6 +68,10 @@ distill-demo: $(INSTALLED)
 # "inverted", and the demo prompts drawn without and with it, side by side (samples/lora-demo.png).
 lora-demo: $(INSTALLED)
 	$(PY) -m ldm.lora_demo
+
+# The web UI (ldm/app.py) on the `make demo` model, at http://127.0.0.1:7860.
+app: $(INSTALLED)
+	$(PY) -m ldm.app --model outputs/unet-demo
 
 clean:
 	rm -rf $(VENV) outputs samples
