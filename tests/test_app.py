@@ -7,11 +7,14 @@ import runpy
 import shutil
 import subprocess
 import sys
+import tomllib
 
 import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, LCMScheduler, UNet2DConditionModel
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from PIL import Image
 from selenium.webdriver.common.by import By
 from transformers import CLIPTextModel
@@ -206,3 +209,29 @@ def test_a_second_request_waits_in_the_queue_while_the_first_shows_its_progress(
     assert wait_for(driver, lambda d: captions(d)) == ["seed 0 · ddim · 2 steps · guidance 7.5 · 16×16"]
     driver.switch_to.window(first)
     assert len(captions(driver)) == 4  # drawn before the second request ran
+
+
+def test_the_space_requirements_hold_what_the_app_imports_at_the_tested_versions():
+    """Every dependency of ours that `import ldm.app` loads is in space/requirements.txt, pinned as in
+    constraints.txt (a Space installs gradio and its pillow itself)."""
+    code = ("import sys, importlib.metadata as m, ldm.app; names = m.packages_distributions(); "
+            "print(' '.join({d for module in list(sys.modules) for d in names.get(module.split('.')[0], [])}))")
+    loaded = set(subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                                timeout=300).stdout.split())
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as file:
+        ours = {Requirement(line).name for line in tomllib.load(file)["project"]["dependencies"]}
+    needed = {canonicalize_name(name) for name in loaded if name in ours or canonicalize_name(name) in ours}
+    pinned = pins(os.path.join(ROOT, "space", "requirements.txt"))
+    assert needed - {"pillow"} <= set(pinned), needed - set(pinned)
+    tested = pins(os.path.join(ROOT, "constraints.txt"))
+    assert {name: version for name, version in pinned.items() if version} == {
+        name: tested[name] for name, version in pinned.items() if version}
+
+
+def pins(path: str) -> dict[str, str | None]:
+    """A requirements file's packages and their == versions (None when unpinned)."""
+    with open(path) as file:
+        lines = [line.strip() for line in file]
+    requirements = [Requirement(line) for line in lines if line and not line.startswith(("#", "-"))]
+    return {canonicalize_name(r.name): next((s.version for s in r.specifier if s.operator == "=="), None)
+            for r in requirements}
