@@ -149,10 +149,10 @@ def build(served: Served) -> gr.Blocks:
         with gr.Row():
             with gr.Column():
                 widgets = form(served, applicable_options(kind))
-                run = gr.Button("Generate", variant="primary", elem_id="generate")
+                run = gr.Button("Generate", variant="primary", elem_id="generate")  # left: messages show top right
             with gr.Column():
-                gallery = gr.Gallery(label="Images", elem_id="gallery", columns=2, object_fit="contain",
-                                     buttons=["download"], interactive=False, height=520)
+                gallery = gr.Gallery(label="Images", elem_id="gallery", columns=2, height=580,
+                                     object_fit="contain", buttons=["download"], interactive=False)
                 files = gr.File(label="PNG files", file_count="multiple", elem_id="files", interactive=False)
 
         def on_click(data: dict, progress=gr.Progress()):

@@ -19,7 +19,7 @@ from PIL import Image
 from selenium.webdriver.common.by import By
 from transformers import CLIPTextModel
 
-from ldm.app import build, draw_request, in_page, parse_args, request_config, serve
+from ldm.app import build, caption, draw_request, in_page, parse_args, request_config, serve
 from ldm.consistency import student_from
 from ldm.options import ModelKind, applicable_options, left_out, samplers_for
 from ldm.pipeline import LatentDiffusionPipeline
@@ -92,6 +92,36 @@ def test_a_distilled_model_s_page_offers_its_samplers_and_draws_at_its_own_steps
     assert (text["scheduler"], text["num_inference_steps"], text["guidance_scale"]) == ("tcd", "3", "4.0")
 
 
+def save_lora(folder, model_dir) -> str:
+    """Random LoRA adapters on the tiny UNet's attention, in diffusers' LoRA file."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(1)
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                init_lora_weights=False))
+    LatentDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet))
+    return str(folder)
+
+
+def test_a_model_with_lora_adapters_offers_their_scale_and_draws_with_it(model_dir, tmp_path):
+    _, config = parse_args(["--model", model_dir, "--lora", save_lora(tmp_path / "lora", model_dir),
+                            "--num_inference_steps", "2"])
+    served = serve(config, str(tmp_path))
+    fields = form_ids(build(served))
+    assert fields["lora_scale"]["value"] == 1.0 and "negative_prompt" in fields
+
+    def drawn(scale):
+        values = dict(prompt="red heart", seed=3, random_seed=False, lora_scale=scale)
+        (path,) = draw_request(served, request_config(served, values), progress=lambda *args, **kwargs: None)
+        return path
+
+    without, half = drawn(0.0), drawn(0.5)
+    assert not np.array_equal(np.asarray(Image.open(without)), np.asarray(Image.open(half)))
+    assert Image.open(half).text["lora_scale"] == "0.5" and caption(half).endswith("· LoRA 0.5")
+
+
 def test_bad_input_becomes_a_message_in_the_form_s_words(model_dir, tmp_path):
     _, config = parse_args(["--model", model_dir])
     served = serve(config, str(tmp_path))
@@ -148,7 +178,8 @@ def test_the_page_draws_and_downloads_generate_py_s_png(page, model_dir, tmp_pat
     type_into(driver, "prompt", "red heart")
     type_into(driver, "seed", "7")
     type_into(driver, "num_images_per_prompt", "2")
-    assert generate(driver, images=2) == [f"seed {seed} · ddim · 2 steps · guidance 7.5 · 16×16" for seed in (7, 8)]
+    assert generate(driver, images=2) == [f"seed {seed} · ddim · 2 steps · guidance 7.5 · 16×16"
+                                          for seed in (7, 8)]
     downloaded = download_first_image(driver, downloads)
 
     assert cli.wait(timeout=300) == 0, cli.stderr.read().decode()
