@@ -24,13 +24,15 @@ import tempfile  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 
 import gradio as gr  # noqa: E402
+from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: E402
 from PIL import Image  # noqa: E402
 from transformers import HfArgumentParser  # noqa: E402
 
 from ldm.generate import (GenerateConfig, _log_to_stderr, check_config, configure, draw, image_jobs,  # noqa: E402
                           in_batches, load_model, read_prompts, settle)
 from ldm.hub import read_distillation  # noqa: E402
-from ldm.options import applicable_options, left_out, model_kind, option_help, samplers_for  # noqa: E402
+from ldm.options import (ModelKind, applicable_options, left_out, model_kind, option_help,  # noqa: E402
+                         samplers_for)
 from ldm.pipeline import LatentDiffusionPipeline  # noqa: E402
 from ldm.schedulers import scheduler_name  # noqa: E402
 
@@ -61,8 +63,8 @@ class ServerConfig:
 def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, GenerateConfig]:
     """The server's flags, and generate.py's: --model, --lora, --dtype, --device, ... and the form's
     starting values (--scheduler, --num_inference_steps, --seed, ...)."""
-    parser = HfArgumentParser((ServerConfig, GenerateConfig), description="Serve a text-to-image pipeline as a "
-                                                                          "web page (Gradio).")
+    parser = HfArgumentParser((ServerConfig, GenerateConfig), prog="python -m ldm.app",
+                              description="Serve a text-to-image pipeline as a web page (Gradio).")
     server, config = parser.parse_args_into_dataclasses(args=argv)
     return server, config
 
@@ -73,11 +75,11 @@ class Served:
     pipe: LatentDiffusionPipeline
     defaults: GenerateConfig  # the command line's, settled for this model: native size, its own steps, ...
     distillation: dict
-    saved_scheduler: object  # the model's own: each request's sampler is built from its config
+    saved_scheduler: SchedulerMixin  # the model's own: each request's sampler is built from its config
     folder: str  # where the requests' PNGs are written
 
     @property
-    def kind(self):
+    def kind(self) -> ModelKind:
         return model_kind(self.defaults, self.distillation)
 
 
