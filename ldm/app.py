@@ -207,12 +207,12 @@ def widget(name: str, served: Served) -> gr.Component:
         return gr.Number(value=value, precision=0, info=option_help(name), **common)
     if name == "fast":
         return gr.Checkbox(value=value, info="the UNet in bfloat16: faster on CPUs with bf16 units", **common)
-    # (lowest, highest, step, decimals: 0 gives an int, as GenerateConfig's field is)
-    ranges = {"num_inference_steps": (1, max(100, value), 1, 0), "guidance_scale": (0.0, 20.0, 0.5, None),
+    # (lowest, usual highest, step, decimals: 0 gives an int, as GenerateConfig's field is)
+    ranges = {"num_inference_steps": (1, 100, 1, 0), "guidance_scale": (0.0, 20.0, 0.5, None),
               "num_images_per_prompt": (1, MAX_IMAGES, 1, 0), "lora_scale": (0.0, 2.0, 0.05, None)}
     low, high, step, precision = ranges[name]
-    return gr.Slider(low, high, value=value, step=step, precision=precision, info=in_page(option_help(name)),
-                     **common)
+    return gr.Slider(low, max(high, value), value=value, step=step, precision=precision,  # a flag may go beyond
+                     info=in_page(option_help(name)), **common)
 
 
 def launch(demo: gr.Blocks, server: ServerConfig, folder: str) -> None:
