@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 
-# Gradio reads these when it is imported: no usage reports, and (theme below) no fonts from the internet.
+# Gradio reads this when it is imported: no usage reports. (Its default theme's fonts are served by the
+# app itself; tests/test_app.py checks that the page asks nothing of any other host.)
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import copy  # noqa: E402
@@ -35,10 +36,6 @@ from ldm.options import (ModelKind, applicable_options, left_out, model_kind, op
                          samplers_for)
 from ldm.pipeline import LatentDiffusionPipeline  # noqa: E402
 from ldm.schedulers import scheduler_name  # noqa: E402
-
-# System fonts only: Gradio's default theme loads its fonts from Google's servers.
-THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
-                          font_mono=["ui-monospace", "SFMono-Regular", "monospace"])
 
 # What generate.py does that a page of prompts does not: edits and files of prompts.
 NOT_SERVED = ("prompts_file", "init_image", "mask_image", "strength", "padding_mask_crop", "output_dir")
@@ -217,8 +214,9 @@ def widget(name: str, served: Served) -> gr.Component:
 
 def launch(demo: gr.Blocks, server: ServerConfig, folder: str) -> None:
     demo.queue(default_concurrency_limit=1)  # one request at a time, the others wait their turn
-    demo.launch(server_name=server.host, server_port=server.port, share=server.share, theme=THEME,
-                ssr_mode=False, allowed_paths=[folder])
+    # ssr_mode=False: server-side rendering would need Node.js, which the app does not need otherwise
+    demo.launch(server_name=server.host, server_port=server.port, share=server.share, ssr_mode=False,
+                allowed_paths=[folder])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ Manager downloads nothing.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -91,7 +92,15 @@ def chromium(profile_dir: str, download_dir: str) -> webdriver.Chrome:
         options.add_argument(flag)
     options.add_experimental_option("prefs", {"download.default_directory": download_dir,
                                               "download.prompt_for_download": False})
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # for requested_urls
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+def requested_urls(driver: webdriver.Chrome) -> set[str]:
+    """The URLs the browser's pages asked for since the last call (Chromium's performance log)."""
+    messages = [json.loads(entry["message"])["message"] for entry in driver.get_log("performance")]
+    return {message["params"]["request"]["url"] for message in messages
+            if message["method"] == "Network.requestWillBeSent"}
 
 
 def wait_for(driver: webdriver.Chrome, condition, timeout: float = 120):

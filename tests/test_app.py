@@ -25,7 +25,7 @@ from ldm.options import ModelKind, applicable_options, left_out, samplers_for
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.text import text_encoder_config
 from tests.browser import (ROOT, app_server, captions, chromium, download_first_image, error_messages, generate,
-                           type_into, wait_for)
+                           requested_urls, type_into, wait_for)
 from tests.conftest import TINY_TEXT_ENCODER, TINY_UNET, TINY_VAE
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -187,6 +187,17 @@ def test_the_page_draws_and_downloads_generate_py_s_png(page, model_dir, tmp_pat
     ours, theirs = Image.open(downloaded), Image.open(out / "0000-red-heart-seed7.png")
     assert np.array_equal(np.asarray(ours), np.asarray(theirs))
     assert ours.text == theirs.text and ours.text["seed"] == "7"
+    with open(downloaded, "rb") as file, open(out / "0000-red-heart-seed7.png", "rb") as cli_file:
+        assert file.read() == cli_file.read()  # the very file, byte for byte
+
+
+def test_the_page_fetches_nothing_from_the_internet(page):
+    driver, url, _ = page
+    driver.refresh()
+    wait_for(driver, lambda d: d.find_elements(By.ID, "generate"))
+    requested = {address for address in requested_urls(driver) if address.startswith(("http", "ws"))}
+    assert any(address.startswith(url) for address in requested)  # (the browser's own chrome:// pages aside)
+    assert {address for address in requested if not address.startswith(url)} == set()
 
 
 def test_bad_input_shows_a_message_in_that_page_only_and_the_app_carries_on(page):
