@@ -21,7 +21,7 @@ import re
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields as dataclass_fields
 from typing import Literal
 
 import torch
@@ -34,6 +34,7 @@ from ldm.chunks import partial_name
 from ldm.data import open_rgb
 from ldm.hub import HubError, find_lora, find_model, is_hub_id, named_revision, read_distillation
 from ldm.editing import binary_mask, default_strength, edit_steps
+from ldm.onnx_pipeline import OnnxLatentDiffusionPipeline
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.schedulers import resolve_scheduler, scheduler_name
 from ldm.watermark import size_problem
@@ -42,6 +43,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_STEPS, DEFAULT_GUIDANCE = 30, 7.5
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# What an ONNX export cannot do: these need the PyTorch models (an export is run as it was exported).
+TORCH_ONLY_FLAGS = ("dtype", "fast", "vae_tiling", "lora", "lora_scale", "init_image", "mask_image", "strength",
+                    "padding_mask_crop", "revision")
 
 
 @dataclass
@@ -100,6 +104,9 @@ class GenerateConfig:
                 "pytorch_lora_weights.safetensors file, or a Hub id (its main branch)."})
     lora_scale: float | None = field(default=None, metadata={
         "help": "With --lora: how strongly the adapters act; 0 draws what the model draws without them. Default: 1."})
+    backend: Literal["torch", "onnx"] = field(default="torch", metadata={
+        "help": "torch: the PyTorch pipeline. onnx: a `python -m ldm.export onnx` folder, run by ONNX Runtime on "
+                f"the CPU (ldm/onnx_pipeline.py); not with --{', --'.join(TORCH_ONLY_FLAGS)}."})
 
 
 def parse_args(argv: list[str] | None = None) -> GenerateConfig:
@@ -141,6 +148,21 @@ def check_config(config: GenerateConfig) -> None:
     if config.lora_scale is not None and not math.isfinite(config.lora_scale):
         raise ValueError(f"--lora_scale must be a finite number, got {config.lora_scale}")
     check_edit_flags(config)
+    check_backend_flags(config)
+
+
+def check_backend_flags(config: GenerateConfig) -> None:
+    """--backend onnx takes the flags that make sense for an exported model on the CPU, and no others."""
+    if config.backend != "onnx":
+        return
+    defaults = {option.name: option.default for option in dataclass_fields(GenerateConfig)}
+    for name in TORCH_ONLY_FLAGS:
+        if getattr(config, name) != defaults[name]:
+            raise ValueError(f"--{name} does not apply to --backend onnx: it needs the PyTorch pipeline, and an ONNX "
+                             f"export runs as exported (drop --{name}, or use --backend torch with the PyTorch model)")
+    if config.device not in ("auto", "cpu"):
+        raise ValueError(f"--device {config.device} does not apply to --backend onnx, which runs on ONNX Runtime's CPU "
+                         "provider; use --device cpu or auto")
 
 
 def check_edit_flags(config: GenerateConfig) -> None:
@@ -302,7 +324,10 @@ def prepare(config: GenerateConfig, device: torch.device | None = None
     edit = read_edit_inputs(config)
     lora = lora_file(config.lora) if config.lora is not None else None
     device = device or resolve_device(config.device)
-    pipe = load_pipeline(config.model, config.revision, DTYPES[config.dtype])
+    if config.backend == "onnx":
+        pipe = OnnxLatentDiffusionPipeline.from_pretrained(config.model)
+    else:
+        pipe = load_pipeline(config.model, config.revision, DTYPES[config.dtype])
     if lora is not None:
         load_lora(pipe, lora, config.lora)
         config.lora_scale = 1.0 if config.lora_scale is None else config.lora_scale
@@ -442,6 +467,8 @@ def png_metadata(config: GenerateConfig, prompt: str, seed: int, scheduler: str,
             fields.update(padding_mask_crop=config.padding_mask_crop)
     if config.lora is not None:
         fields.update(lora=config.lora, lora_scale=config.lora_scale)
+    if config.backend != "torch":
+        fields.update(backend=config.backend)
     for key, value in fields.items():
         info.add_text(key, str(value))
     return info
