@@ -313,6 +313,8 @@ def check_size(pipe: LatentDiffusionPipeline, height: int, width: int) -> None:
         if size % pipe.vae_scale_factor:
             raise ValueError(f"--{name} {size} is not divisible by the VAE factor {pipe.vae_scale_factor} "
                              f"(try {size // pipe.vae_scale_factor * pipe.vae_scale_factor or pipe.vae_scale_factor})")
+    if isinstance(pipe, OnnxLatentDiffusionPipeline):  # its traced UNet's own rule
+        pipe.check_size(height, width)
 
 
 def prepare(config: GenerateConfig, device: torch.device | None = None

@@ -97,6 +97,10 @@ class OnnxLatentDiffusionPipeline(LatentDiffusionPipeline):
 
     def check_inputs(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, height, width, *args):
         super().check_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, height, width, *args)
+        self.check_size(height, width)
+
+    def check_size(self, height: int, width: int) -> None:
+        """Sizes the traced UNet draws correctly; others would fail deep in ONNX Runtime, or worse."""
         pixels = self.vae_scale_factor * self.unet.latent_multiple
         for name, size in (("height", height), ("width", width)):
             if size % pixels:

@@ -223,6 +223,13 @@ def test_generate_backend_onnx_names_the_flags_it_cannot_honour(tmp_path, capsys
     assert f"{named} does not apply to --backend onnx" in error, error
 
 
+def test_generate_backend_onnx_rejects_a_size_the_traced_unet_cannot_draw(onnx_dir, tmp_path, capsys):
+    assert generate.main(["--model", onnx_dir, "--backend", "onnx", "--prompt", "x", "--height", "24",
+                          "--output_dir", str(tmp_path / "out")]) == 2
+    assert "height 24 does not fit this ONNX UNet" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out")
+
+
 def test_generate_backend_onnx_with_a_pytorch_folder_says_to_export(torch_dir, tmp_path, capsys):
     assert generate.main(["--model", torch_dir, "--backend", "onnx", "--prompt", "x",
                           "--output_dir", str(tmp_path)]) == 2
