@@ -4,6 +4,7 @@ the text attention-pooled into the timestep embedding, and a VAE of factor 4."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -182,7 +183,7 @@ def test_bad_input_fails_before_any_export(torch_dir, tmp_path, capsys, case, me
     assert export_main(["onnx", source, str(out), *flags]) == 2
     error = capsys.readouterr().err
     assert error.startswith("python -m ldm.export: error:")
-    assert __import__("re").search(message, error), error
+    assert re.search(message, error), error
     assert sorted(os.listdir(tmp_path)) in (["out"], [], ["empty"], ["file"])  # no staging folder left behind
     if case == "output holds other files":
         assert os.listdir(out) == ["notes.txt"]
