@@ -34,7 +34,7 @@ from ldm.chunks import partial_name
 from ldm.data import open_rgb
 from ldm.hub import HubError, find_lora, find_model, is_hub_id, named_revision, read_distillation
 from ldm.editing import binary_mask, default_strength, edit_steps
-from ldm.onnx_pipeline import OnnxLatentDiffusionPipeline
+from ldm.onnx_pipeline import MANIFEST as ONNX_MANIFEST, OnnxLatentDiffusionPipeline
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.schedulers import resolve_scheduler, scheduler_name
 from ldm.watermark import size_problem
@@ -264,6 +264,9 @@ def resolve_device(name: str) -> torch.device:
 def load_pipeline(model: str, revision: str | None, dtype: torch.dtype) -> LatentDiffusionPipeline:
     """A pipeline from a local folder, or from the Hub when `model` is not a folder but reads as a repo id."""
     if os.path.isdir(model):
+        if os.path.isfile(os.path.join(model, ONNX_MANIFEST)):
+            raise ValueError(f"{model} is an ONNX export (python -m ldm.export onnx), not a PyTorch pipeline: "
+                             "generate.py runs it with --backend onnx")
         if not os.path.isfile(os.path.join(model, "model_index.json")):
             raise ValueError(f"{model} is not a pipeline folder: it has no model_index.json (a saved pipeline "
                              "holds model_index.json, vae/, text_encoder/, tokenizer/, unet/ and scheduler/)")

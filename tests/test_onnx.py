@@ -231,6 +231,12 @@ def test_generate_backend_onnx_rejects_a_size_the_traced_unet_cannot_draw(onnx_d
     assert not os.path.exists(tmp_path / "out")
 
 
+def test_generate_with_an_onnx_export_and_the_torch_backend_says_which_backend(onnx_dir, tmp_path, capsys):
+    assert generate.main(["--model", onnx_dir, "--prompt", "x", "--output_dir", str(tmp_path)]) == 2
+    assert "is an ONNX export (python -m ldm.export onnx), not a PyTorch pipeline: generate.py runs it with " \
+           "--backend onnx" in capsys.readouterr().err
+
+
 def test_generate_backend_onnx_with_a_pytorch_folder_says_to_export(torch_dir, tmp_path, capsys):
     assert generate.main(["--model", torch_dir, "--backend", "onnx", "--prompt", "x",
                           "--output_dir", str(tmp_path)]) == 2
