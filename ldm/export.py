@@ -108,26 +108,27 @@ def export_unet(pipe: LatentDiffusionPipeline, folder: str, opset: int) -> None:
     config = pipe.unet.config
     size = config.sample_size
     sample = torch.randn(2, config.in_channels, size, size)
-    embeddings = torch.randn(2, pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size)
+    embeddings = torch.randn(2, pipe.tokenizer.model_max_length, config.cross_attention_dim)
     inputs, names = (sample, torch.tensor([999.0, 999.0]), embeddings), ["sample", "timestep", "encoder_hidden_states"]
     if config.time_cond_proj_dim is not None:  # a distilled UNet takes the guidance weight's embedding
         inputs, names = (*inputs, torch.randn(2, config.time_cond_proj_dim)), [*names, "timestep_cond"]
     axes = {name: {0: "batch"} for name in names}
     axes.update(sample={0: "batch", 2: "height", 3: "width"}, encoder_hidden_states={0: "batch", 1: "sequence"},
                 out_sample={0: "batch", 2: "height", 3: "width"})
-    traced = os.path.join(folder, "traced.onnx")
-    export_graph(UNetGraph(pipe.unet), inputs, traced, names, ["out_sample"], axes, opset)
-    move_weights_out(traced, os.path.join(folder, "model.onnx"))
+    traced = os.path.join(folder, "traced")  # its own folder: over 2 GB, the exporter writes a file per tensor
+    os.makedirs(traced)
+    export_graph(UNetGraph(pipe.unet), inputs, os.path.join(traced, "model.onnx"), names, ["out_sample"], axes, opset)
+    move_weights_out(os.path.join(traced, "model.onnx"), os.path.join(folder, "model.onnx"))
+    shutil.rmtree(traced)
     pipe.unet.save_config(folder)
 
 
 def move_weights_out(source: str, path: str) -> None:
+    """The graph at `path` with all its weights in one external file beside it, UNET_WEIGHTS."""
     import onnx
 
-    model = onnx.load(source)
-    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location=UNET_WEIGHTS,
-                    size_threshold=0)
-    os.remove(source)
+    onnx.save_model(onnx.load(source), path, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=UNET_WEIGHTS, size_threshold=0)
 
 
 def export_vae(pipe: LatentDiffusionPipeline, encoder_folder: str, decoder_folder: str, opset: int) -> None:
