@@ -47,7 +47,7 @@ TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=
 TINY_TEXT_ENCODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                          projection_dim=32)
 STEPS, CHECKPOINTING_STEPS = 40, 4
-PROGRESS = re.compile(r"(\d+)/" + str(STEPS) + r"\b")
+PROGRESS = re.compile(r"train_(?:vae|unet): +\d+%\|[^|]*\| (\d+)/\d+ \[")  # the trainer's tqdm bar
 STOPPED = re.compile(r"stopped on .+? after step (\d+), exit code (\d+)")
 
 

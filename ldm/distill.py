@@ -32,8 +32,8 @@ from ldm.hub import DISTILLATION, HubError, find_model, finish_run
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.preemption import StopOnSignal
 from ldm.text import tokenize
-from ldm.training import (Throughput, apply_gradients, batch_generator, check_finite, finish_training, make_accelerator,
-                          make_ema, make_optimizer, report_step, save_checkpoint, save_run_config,
+from ldm.training import (Throughput, apply_gradients, batch_generator, check_finite, checkpoint_or_stop,
+                          finish_training, make_accelerator, make_ema, make_optimizer, report_step, save_run_config,
                           save_validation_grid, stop_on_signal)
 from ldm.unet_training import cached_empty_prompt, posterior, sample_grid, training_data
 
@@ -98,10 +98,7 @@ def distill(config: DistillConfig) -> dict:
                         global_step)
             running, micro_batches, seen = 0.0, 0, 0
 
-            stopping = stop.agreed(accelerator)  # asked on every process, so that all stop after this step
-            if global_step % config.checkpointing_steps == 0 or stopping:
-                save_checkpoint(accelerator, config.output_dir, global_step, config.checkpoints_total_limit, config)
-                meter.restart()
+            stopping = checkpoint_or_stop(accelerator, config, global_step, stop, meter)
             if stopping:
                 break
             if global_step % config.validation_steps == 0 and global_step < config.max_train_steps:

@@ -227,6 +227,18 @@ def finish_training(accelerator: Accelerator) -> None:
     accelerator.end_training()
 
 
+def checkpoint_or_stop(accelerator: Accelerator, config: TrainConfig, step: int, stop: StopOnSignal,
+                       meter: Throughput, add_files: Callable[[str], None] | None = None) -> bool:
+    """After each optimizer step: save a checkpoint every `checkpointing_steps`, and after the step
+    a stop signal came in (asked of every process, so that all stop after the same step). Returns
+    whether to stop now."""
+    stopping = stop.agreed(accelerator)
+    if step % config.checkpointing_steps == 0 or stopping:
+        save_checkpoint(accelerator, config.output_dir, step, config.checkpoints_total_limit, config, add_files)
+        meter.restart()
+    return stopping
+
+
 def stop_on_signal(accelerator: Accelerator, stop: StopOnSignal, step: int, output_dir: str) -> None:
     """After a stop signal and its checkpoint: close the trackers and the process group, and exit
     with 128 + the signal's number."""

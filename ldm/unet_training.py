@@ -41,10 +41,10 @@ from ldm.preemption import StopOnSignal
 from ldm.text import build_text_encoder, load_text_components, tokenize, train_tokenizer
 from ldm.streaming import StreamBatches, load_stream_state, open_stream, save_stream_state
 from ldm.timesteps import ImportanceTimesteps, mass_by_bin, timestep_sampler
-from ldm.training import (Throughput, apply_gradients, averaged_weights, batch_generator, check_finite, find_checkpoint,
-                          load_checkpoint, make_accelerator, make_ema, make_optimizer, report_step, resume_state,
-                          resumed_batches, save_checkpoint, save_run_config, save_validation_grid, finish_training,
-                          stop_on_signal, trainable_parameters, unreadable_rows)
+from ldm.training import (Throughput, apply_gradients, averaged_weights, batch_generator, check_finite,
+                          checkpoint_or_stop, find_checkpoint, finish_training, load_checkpoint, make_accelerator,
+                          make_ema, make_optimizer, report_step, resume_state, resumed_batches, save_run_config,
+                          save_validation_grid, stop_on_signal, trainable_parameters, unreadable_rows)
 
 logger = get_logger(__name__)
 UNREADABLE_BATCHES = 100  # in a row, before the run stops instead of skipping on forever
@@ -168,11 +168,7 @@ def train(config: UNetConfig) -> dict:
                         global_step)
             running, micro_batches, seen = 0.0, 0, 0
 
-            stopping = stop.agreed(accelerator)  # asked on every process, so that all stop after this step
-            if global_step % config.checkpointing_steps == 0 or stopping:
-                save_checkpoint(accelerator, config.output_dir, global_step, config.checkpoints_total_limit, config,
-                                data.add_checkpoint_files)
-                meter.restart()
+            stopping = checkpoint_or_stop(accelerator, config, global_step, stop, meter, data.add_checkpoint_files)
             if stopping:
                 break
             if global_step % config.validation_steps == 0 and global_step < config.max_train_steps:

@@ -24,8 +24,8 @@ from ldm.hub import finish_run
 from ldm.models import load_vae, vae_architecture, vae_scale_factor
 from ldm.preemption import StopOnSignal
 from ldm.training import (Throughput, apply_gradients, averaged_weights, batch_generator, check_finite,
-                          find_checkpoint, finish_training, make_accelerator, make_ema, make_optimizer, resume_state,
-                          resumed_batches, save_checkpoint, save_run_config, save_validation_grid, shard,
+                          checkpoint_or_stop, find_checkpoint, finish_training, make_accelerator, make_ema,
+                          make_optimizer, resume_state, resumed_batches, save_run_config, save_validation_grid, shard,
                           stop_on_signal, unreadable_rows)
 from ldm.vae_loss import PatchDiscriminator, autoencoder_loss, discriminator_loss, load_lpips
 
@@ -142,10 +142,7 @@ def train(config: VAEConfig) -> dict:
                 progress.set_postfix(loss=f"{logs['train/loss']:.4f}", img_s=f"{meter.rate:.0f}")
                 running, micro_batches, images = None, 0, 0
 
-                stopping = stop.agreed(accelerator)  # asked on every process, so that all stop after this step
-                if global_step % config.checkpointing_steps == 0 or stopping:
-                    save_checkpoint(accelerator, config.output_dir, global_step, config.checkpoints_total_limit, config)
-                    meter.restart()
+                stopping = checkpoint_or_stop(accelerator, config, global_step, stop, meter)
                 if stopping:
                     break
                 if global_step % config.validation_steps == 0 and global_step < config.max_train_steps:
