@@ -20,7 +20,7 @@ $(INSTALLED): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[test]" -c constraints.txt
+	$(PY) -m pip install --quiet -e ".[test,onnx]" -c constraints.txt
 	$(PY) -m pip install --quiet --no-deps invisible-watermark gradio -c constraints.txt
 	$(PY) -c "$$GRADIO_REQUIREMENTS" > $(VENV)/gradio-requirements.txt
 	$(PY) -m pip install --quiet -r $(VENV)/gradio-requirements.txt -c constraints.txt

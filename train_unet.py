@@ -8,11 +8,14 @@ generate.py loads. See ldm/unet_training.py for the loop and ldm/diffusion.py fo
 
 from __future__ import annotations
 
+import logging
+
 from ldm.config import UNetConfig, parse_config, run_script
 from ldm.unet_training import train
 
 
 def main(argv: list[str] | None = None) -> dict:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     return train(parse_config(UNetConfig, argv))
 
 

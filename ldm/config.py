@@ -85,6 +85,9 @@ class TrainConfig(DataConfig):
     checkpointing_steps: int = 500
     checkpoints_total_limit: Optional[int] = None
     resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": "'latest' or a checkpoint folder"})
+    save_on_signal: bool = field(default=True, metadata={
+        "help": "on SIGTERM, SIGINT (Ctrl-C) or SIGUSR1, finish the step, save a checkpoint and exit with 128 + "
+                "the signal's number (143, 130, 138); a second signal stops at once"})
     validation_steps: int = 500
     logging_dir: str = field(default="logs", metadata={"help": "TensorBoard folder, relative to output_dir"})
     report_to: Literal["tensorboard", "none"] = "tensorboard"

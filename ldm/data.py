@@ -11,8 +11,10 @@ import random
 from dataclasses import dataclass
 
 import datasets
-from datasets.utils.file_utils import xopen
 import numpy as np
+import pyarrow as pa
+from datasets.exceptions import DatasetGenerationError
+from datasets.utils.file_utils import xopen
 import torch
 from PIL import Image, ImageOps
 
@@ -25,16 +27,28 @@ SPLIT_SEED = 1234  # fixed, so the held-out rows stay the same across runs and m
 
 def load_splits(config: DataConfig) -> tuple[datasets.Dataset, datasets.Dataset]:
     """The (train, validation) datasets, with image decoding turned off and columns checked."""
-    if config.train_data_dir is not None:
-        raw = datasets.load_dataset("imagefolder", data_dir=config.train_data_dir, cache_dir=config.cache_dir)
-    elif config.dataset_name == "openmoji":
+    if config.dataset_name == "openmoji" and config.train_data_dir is None:
         raw = load_openmoji(config.resolution, config.cache_dir)
     else:
-        raw = datasets.load_dataset(config.dataset_name, config.dataset_config_name, cache_dir=config.cache_dir)
+        raw = read_dataset(config)
     train, validation = split(raw, config.validation_fraction)
     if config.max_train_samples is not None:
         train = train.select(range(min(config.max_train_samples, len(train))))
     return tuple(undecoded(part, config) for part in (train, validation))
+
+
+def read_dataset(config: DataConfig) -> datasets.DatasetDict:
+    """An imagefolder (`train_data_dir`) or a Hub / local dataset (`dataset_name`). A metadata file
+    that Arrow cannot read as columns of one type each stops here with its reason, not a traceback."""
+    source = config.train_data_dir or config.dataset_name
+    try:
+        if config.train_data_dir is not None:
+            return datasets.load_dataset("imagefolder", data_dir=config.train_data_dir, cache_dir=config.cache_dir)
+        return datasets.load_dataset(config.dataset_name, config.dataset_config_name, cache_dir=config.cache_dir)
+    except (DatasetGenerationError, pa.ArrowInvalid, pa.ArrowTypeError) as error:
+        cause = error.__cause__ or error
+        raise ConfigError(f"the dataset in {source} cannot be read: {cause}. Each column must hold one type in "
+                          "every row (write a numeric caption as a string, \"42\", or leave it null)") from error
 
 
 def train_split(raw: datasets.DatasetDict | datasets.IterableDatasetDict):
@@ -60,9 +74,18 @@ def require_columns(column_names: list[str], config: DataConfig) -> None:
             raise ConfigError(f"{key} {column!r} is not in the dataset; its columns are: {', '.join(column_names)}")
 
 
+def require_image_feature(feature, config: DataConfig) -> None:
+    """An image column holds images, paths or bytes; a column of numbers (an id) is a wrong --image_column."""
+    if isinstance(feature, datasets.Value) and feature.dtype not in ("string", "large_string", "binary",
+                                                                      "large_binary"):
+        raise ConfigError(f"image_column {config.image_column!r} holds {feature.dtype} values, not images, paths "
+                          "or bytes; point image_column at the column that holds the images")
+
+
 def undecoded(dataset: datasets.Dataset, config: DataConfig) -> datasets.Dataset:
     """Check both columns exist, and keep images as bytes/paths so we decode them ourselves."""
     require_columns(dataset.column_names, config)
+    require_image_feature(dataset.features[config.image_column], config)
     if isinstance(dataset.features[config.image_column], datasets.Image):
         dataset = dataset.cast_column(config.image_column, datasets.Image(decode=False))
     return dataset
@@ -75,6 +98,10 @@ def open_rgb(image) -> Image.Image:
     """
     if isinstance(image, dict):
         image = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
+    if not isinstance(image, (str, bytes, io.BytesIO, Image.Image)):
+        raise ValueError(f"{image!r} is not an image, a path or bytes")
+    if isinstance(image, bytes):
+        image = io.BytesIO(image)
     if isinstance(image, str) and "://" in image:  # a streamed dataset's file: hf://, https://, s3://, ...
         with xopen(image, "rb") as remote:
             image = io.BytesIO(remote.read())
@@ -181,16 +208,18 @@ class ImageCaptionDataset(EpochDataset):
         """One row's training example, its random choices drawn from (seed, epoch, `index`)."""
         try:
             picture = open_rgb(image)
-        except (OSError, ValueError, SyntaxError):  # PIL raises all three for damaged files
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # PIL's errors for damaged files
             return {"index": index, "skipped": True}
         rng = self.random_for(index)
         return {"index": index, "pixel_values": self.transform(picture, rng), "caption": pick_caption(caption, rng)}
 
 
 def caption_list(value) -> list[str]:
-    """A row's captions as a non-empty list of strings (a missing caption is the empty prompt)."""
+    """A row's captions as a non-empty list of strings. A missing caption (null) is the empty prompt,
+    which trains the unconditional model as caption dropout does; a null among several is left out;
+    a number is its text."""
     values = value if isinstance(value, (list, tuple)) else [value]
-    return [v if isinstance(v, str) else "" for v in values] or [""]
+    return [v if isinstance(v, str) else str(v) for v in values if v is not None] or [""]
 
 
 def pick_caption(caption, rng: random.Random) -> str:

@@ -30,10 +30,11 @@ from ldm.consistency import (DDIMSolver, boundary_scalings, clean_and_noise, ddi
 from ldm.data import load_splits
 from ldm.hub import DISTILLATION, HubError, find_model, finish_run
 from ldm.pipeline import LatentDiffusionPipeline
+from ldm.preemption import StopOnSignal
 from ldm.text import tokenize
-from ldm.training import (Throughput, apply_gradients, batch_generator, check_finite, finish_training, make_accelerator,
-                          make_ema, make_optimizer, report_step, save_checkpoint, save_run_config,
-                          save_validation_grid)
+from ldm.training import (Throughput, apply_gradients, batch_generator, check_finite, checkpoint_or_stop,
+                          finish_training, make_accelerator, make_ema, make_optimizer, report_step, save_run_config,
+                          save_validation_grid, stop_on_signal)
 from ldm.unet_training import cached_empty_prompt, posterior, sample_grid, training_data
 
 logger = get_logger(__name__)
@@ -69,54 +70,60 @@ def distill(config: DistillConfig) -> dict:
     meter = Throughput()
     progress = tqdm(total=config.max_train_steps, initial=global_step, desc=f"distill ({config.method})",
                     disable=not accelerator.is_local_main_process)
-    running, micro_batches, seen = 0.0, 0, 0
-    for batch_number, batch in batches:
-        if global_step >= config.max_train_steps:
-            break
-        generator = batch_generator(config.seed, accelerator.process_index, batch_number, accelerator.device)
-        with accelerator.accumulate(student):
-            mean, std = posterior(teacher.vae, batch)
-            latents = diffusion.normalise_latents(mean + std * torch.randn(
-                mean.shape, generator=generator, device=mean.device), teacher.vae.config)
-            loss = method.loss(student, latents, batch["embeddings"].float(), empty, generator, global_step)
-            check_finite(accelerator.reduce(loss.detach(), "mean"), global_step + 1)
-            apply_gradients(accelerator, loss, list(student.parameters()), optimizer, lr_scheduler,
-                            config.max_grad_norm)
-        running += loss.item()
-        micro_batches += 1
-        seen += latents.shape[0] * accelerator.num_processes
-        if not accelerator.sync_gradients:
-            continue
-        global_step += 1
-        method.stepped(accelerator.unwrap_model(student), global_step)
-        meter.update(seen)
-        report_step(accelerator, progress, meter, running / micro_batches, lr_scheduler.get_last_lr()[0], global_step)
-        running, micro_batches, seen = 0.0, 0, 0
+    running, micro_batches, seen, stopping = 0.0, 0, 0, False
+    # A stop signal from here on is deferred: in the loop it ends the run after the step in progress,
+    # with a checkpoint; after the loop, the final save completes.
+    with StopOnSignal(config.save_on_signal) as stop:
+        for batch_number, batch in batches:
+            if global_step >= config.max_train_steps:
+                break
+            generator = batch_generator(config.seed, accelerator.process_index, batch_number, accelerator.device)
+            with accelerator.accumulate(student):
+                mean, std = posterior(teacher.vae, batch)
+                latents = diffusion.normalise_latents(mean + std * torch.randn(
+                    mean.shape, generator=generator, device=mean.device), teacher.vae.config)
+                loss = method.loss(student, latents, batch["embeddings"].float(), empty, generator, global_step)
+                check_finite(accelerator.reduce(loss.detach(), "mean"), global_step + 1)
+                apply_gradients(accelerator, loss, list(student.parameters()), optimizer, lr_scheduler,
+                                config.max_grad_norm)
+            running += loss.item()
+            micro_batches += 1
+            seen += latents.shape[0] * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            method.stepped(accelerator.unwrap_model(student), global_step)
+            meter.update(seen)
+            report_step(accelerator, progress, meter, running / micro_batches, lr_scheduler.get_last_lr()[0],
+                        global_step)
+            running, micro_batches, seen = 0.0, 0, 0
 
-        if global_step % config.checkpointing_steps == 0:
-            save_checkpoint(accelerator, config.output_dir, global_step, config.checkpoints_total_limit, config)
-            meter.restart()
-        if global_step % config.validation_steps == 0 and global_step < config.max_train_steps:
-            validate(accelerator, config, method.pipeline(accelerator.unwrap_model(student)),
-                     method.steps_now(global_step), global_step)
-            meter.restart()
-    progress.close()
+            stopping = checkpoint_or_stop(accelerator, config, global_step, stop, meter)
+            if stopping:
+                break
+            if global_step % config.validation_steps == 0 and global_step < config.max_train_steps:
+                validate(accelerator, config, method.pipeline(accelerator.unwrap_model(student)),
+                         method.steps_now(global_step), global_step)
+                meter.restart()
+        progress.close()
+        if stopping:
+            stop_on_signal(accelerator, stop, global_step, config.output_dir)
 
-    # 6. The student's pipeline, with the facts generate.py and the model card read.
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        pipeline = method.pipeline(accelerator.unwrap_model(student))
-        pipeline.save_pretrained(config.output_dir, safe_serialization=True)
-        write_distillation(config)
-        save_validation_grid(step_grid(pipeline, config, method.steps_now(global_step), accelerator.device),
-                             config.output_dir, accelerator, global_step, "samples")
-    logger.info(f"saved the {config.num_inference_steps}-step student to {config.output_dir}",
-                main_process_only=True)
-    finish_training(accelerator)
-    result = {"global_step": global_step, "images_per_second": meter.rate}
-    if accelerator.is_main_process:
-        finish_run(config, result)
-    return result
+        # 6. The student's pipeline, with the facts generate.py and the model card read.
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            pipeline = method.pipeline(accelerator.unwrap_model(student))
+            pipeline.save_pretrained(config.output_dir, safe_serialization=True)
+            write_distillation(config)
+            save_validation_grid(step_grid(pipeline, config, method.steps_now(global_step), accelerator.device),
+                                 config.output_dir, accelerator, global_step, "samples")
+        logger.info(f"saved the {config.num_inference_steps}-step student to {config.output_dir}",
+                    main_process_only=True)
+        finish_training(accelerator)
+        result = {"global_step": global_step, "images_per_second": meter.rate}
+        if accelerator.is_main_process:
+            finish_run(config, result)
+        return result
 
 
 class ConsistencyDistillation:

@@ -21,7 +21,7 @@ import re
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields as dataclass_fields
 from typing import Callable, Literal
 
 import torch
@@ -34,6 +34,7 @@ from ldm.chunks import partial_name
 from ldm.data import open_rgb
 from ldm.hub import HubError, find_lora, find_model, is_hub_id, named_revision, read_distillation
 from ldm.editing import binary_mask, default_strength, edit_steps
+from ldm.onnx_pipeline import MANIFEST as ONNX_MANIFEST, OnnxLatentDiffusionPipeline
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.schedulers import resolve_scheduler, scheduler_name
 from ldm.watermark import size_problem
@@ -42,6 +43,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_STEPS, DEFAULT_GUIDANCE = 30, 7.5
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# What an ONNX export cannot do: these need the PyTorch models (an export is run as it was exported).
+TORCH_ONLY_FLAGS = ("dtype", "fast", "vae_tiling", "lora", "lora_scale", "init_image", "mask_image", "strength",
+                    "padding_mask_crop", "revision")
 
 
 @dataclass
@@ -100,6 +104,9 @@ class GenerateConfig:
                 "pytorch_lora_weights.safetensors file, or a Hub id (its main branch)."})
     lora_scale: float | None = field(default=None, metadata={
         "help": "With --lora: how strongly the adapters act; 0 draws what the model draws without them. Default: 1."})
+    backend: Literal["torch", "onnx"] = field(default="torch", metadata={
+        "help": "torch: the PyTorch pipeline. onnx: a `python -m ldm.export onnx` folder, run by ONNX Runtime on "
+                f"the CPU (ldm/onnx_pipeline.py); not with --{', --'.join(TORCH_ONLY_FLAGS)}."})
 
 
 def parse_args(argv: list[str] | None = None) -> GenerateConfig:
@@ -143,6 +150,21 @@ def check_config(config: GenerateConfig) -> None:
     if config.lora_scale is not None and not math.isfinite(config.lora_scale):
         raise ValueError(f"--lora_scale must be a finite number, got {config.lora_scale}")
     check_edit_flags(config)
+    check_backend_flags(config)
+
+
+def check_backend_flags(config: GenerateConfig) -> None:
+    """--backend onnx takes the flags that make sense for an exported model on the CPU, and no others."""
+    if config.backend != "onnx":
+        return
+    defaults = {option.name: option.default for option in dataclass_fields(GenerateConfig)}
+    for name in TORCH_ONLY_FLAGS:
+        if getattr(config, name) != defaults[name]:
+            raise ValueError(f"--{name} does not apply to --backend onnx: it needs the PyTorch pipeline, and an ONNX "
+                             f"export runs as exported (drop --{name}, or use --backend torch with the PyTorch model)")
+    if config.device not in ("auto", "cpu"):
+        raise ValueError(f"--device {config.device} does not apply to --backend onnx, which runs on ONNX Runtime's CPU "
+                         "provider; use --device cpu or auto")
 
 
 def check_edit_flags(config: GenerateConfig) -> None:
@@ -244,6 +266,9 @@ def resolve_device(name: str) -> torch.device:
 def load_pipeline(model: str, revision: str | None, dtype: torch.dtype) -> LatentDiffusionPipeline:
     """A pipeline from a local folder, or from the Hub when `model` is not a folder but reads as a repo id."""
     if os.path.isdir(model):
+        if os.path.isfile(os.path.join(model, ONNX_MANIFEST)):
+            raise ValueError(f"{model} is an ONNX export (python -m ldm.export onnx), not a PyTorch pipeline: "
+                             "generate.py runs it with --backend onnx")
         if not os.path.isfile(os.path.join(model, "model_index.json")):
             raise ValueError(f"{model} is not a pipeline folder: it has no model_index.json (a saved pipeline "
                              "holds model_index.json, vae/, text_encoder/, tokenizer/, unet/ and scheduler/)")
@@ -293,6 +318,8 @@ def check_size(pipe: LatentDiffusionPipeline, height: int, width: int) -> None:
         if size % pipe.vae_scale_factor:
             raise ValueError(f"--{name} {size} is not divisible by the VAE factor {pipe.vae_scale_factor} "
                              f"(try {size // pipe.vae_scale_factor * pipe.vae_scale_factor or pipe.vae_scale_factor})")
+    if isinstance(pipe, OnnxLatentDiffusionPipeline):  # its traced UNet's own rule
+        pipe.check_size(height, width)
 
 
 def prepare(config: GenerateConfig, device: torch.device | None = None
@@ -313,7 +340,10 @@ def load_model(config: GenerateConfig, device: torch.device | None = None) -> La
     first: a missing one fails before the model loads."""
     lora = lora_file(config.lora) if config.lora is not None else None
     device = device or resolve_device(config.device)
-    pipe = load_pipeline(config.model, config.revision, DTYPES[config.dtype])
+    if config.backend == "onnx":
+        pipe = OnnxLatentDiffusionPipeline.from_pretrained(config.model)
+    else:
+        pipe = load_pipeline(config.model, config.revision, DTYPES[config.dtype])
     if lora is not None:
         load_lora(pipe, lora, config.lora)
     return pipe.to(device)
@@ -489,6 +519,8 @@ def png_metadata(config: GenerateConfig, prompt: str, seed: int, scheduler: str,
             fields.update(padding_mask_crop=config.padding_mask_crop)
     if config.lora is not None:
         fields.update(lora=config.lora, lora_scale=config.lora_scale)
+    if config.backend != "torch":
+        fields.update(backend=config.backend)
     for key, value in fields.items():
         info.add_text(key, str(value))
     return info

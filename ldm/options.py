@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ldm.generate import GenerateConfig
+from ldm.generate import TORCH_ONLY_FLAGS, GenerateConfig
 from ldm.schedulers import SCHEDULERS
 
 # What one request may set, in the form's order; the rest of GenerateConfig is fixed when the app starts.
@@ -29,13 +29,11 @@ class ModelKind:
     """What about a loaded model changes the options it takes."""
     distillation: dict = field(default_factory=dict)  # its distillation.json (ldm/hub.read_distillation); {} if none
     lora: bool = False  # LoRA adapters loaded (--lora)
-    # "torch" (LatentDiffusionPipeline). The ONNX backend (generate.py --backend onnx, being built on
-    # branch `onnx`) becomes one more value here and one entry in left_out().
-    backend: str = "torch"
+    backend: str = "torch"  # generate.py's --backend: "torch", or "onnx" (an ldm.export folder on ONNX Runtime)
 
 
 def model_kind(config: GenerateConfig, distillation: dict) -> ModelKind:
-    return ModelKind(distillation=distillation, lora=config.lora is not None)
+    return ModelKind(distillation=distillation, lora=config.lora is not None, backend=config.backend)
 
 
 def left_out(kind: ModelKind) -> dict[str, str]:
@@ -50,6 +48,9 @@ def left_out(kind: ModelKind) -> dict[str, str]:
         if kind.distillation.get("method") == "progressive":
             steps = kind.distillation["num_inference_steps"]
             reasons["num_inference_steps"] = f"a progressive student samples at exactly its own {steps} steps"
+    if kind.backend == "onnx":  # generate.py refuses these flags with --backend onnx
+        reasons.update({name: "an ONNX export runs as it was exported, and this needs the PyTorch pipeline"
+                        for name in TORCH_ONLY_FLAGS if name in REQUEST_OPTIONS})
     return reasons
 
 

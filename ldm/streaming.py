@@ -20,7 +20,7 @@ import datasets
 from datasets.distributed import split_dataset_by_node
 
 from ldm.config import ConfigError, DataConfig
-from ldm.data import ImageCaptionDataset, collate, require_columns, train_split
+from ldm.data import ImageCaptionDataset, collate, require_columns, require_image_feature, train_split
 from ldm.openmoji import load_openmoji
 
 LOCAL_SHARDS = 64  # an on-disk dataset (the built-in OpenMoji) is streamed from its Arrow file in this many shards
@@ -38,6 +38,7 @@ def open_stream(config: DataConfig) -> datasets.IterableDataset:
     stream = train_split(raw)
     if stream.features is not None:
         require_columns(stream.column_names, config)
+        require_image_feature(stream.features[config.image_column], config)
         if isinstance(stream.features[config.image_column], datasets.Image):
             stream = stream.cast_column(config.image_column, datasets.Image(decode=False))
     return stream

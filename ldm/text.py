@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterable
 
 import torch
@@ -25,7 +27,28 @@ def train_tokenizer(captions: Iterable[str], vocab_size: int, save_dir: str,
     tokenizer = template.train_new_from_iterator(captions, vocab_size=vocab_size)
     tokenizer.save_pretrained(save_dir)
     tokenizer.backend_tokenizer.model.save(save_dir)
+    number_alphabet_in_order(save_dir, set(tokenizer.all_special_tokens))
     return CLIPTokenizer.from_pretrained(save_dir)
+
+
+def number_alphabet_in_order(save_dir: str, special_tokens: set[str]) -> None:
+    """Give the single characters of a trained vocabulary their ids in sorted order.
+
+    The BPE trainer numbers the characters it starts from in the order of a hash map, so characters
+    seen equally often get other ids in another process, and the same seed trained another model.
+    The merges, and the ids of what they make, do not vary.
+    """
+    path = os.path.join(save_dir, "tokenizer.json")
+    with open(path, encoding="utf-8") as file:
+        state = json.load(file)
+    vocab = state["model"]["vocab"]
+    made = {"".join(pair.split(" ") if isinstance(pair, str) else pair) for pair in state["model"]["merges"]}
+    alphabet = sorted(token for token in vocab if token not in made and token not in special_tokens)
+    vocab.update(zip(alphabet, sorted(vocab[token] for token in alphabet)))
+    with open(path, "w", encoding="utf-8") as file:
+        json.dump(state, file, ensure_ascii=False)
+    with open(os.path.join(save_dir, "vocab.json"), "w", encoding="utf-8") as file:
+        json.dump(dict(sorted(vocab.items(), key=lambda item: item[1])), file, ensure_ascii=False)
 
 
 def text_encoder_config(tokenizer: CLIPTokenizer, **architecture) -> CLIPTextConfig:

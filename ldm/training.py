@@ -14,6 +14,8 @@ import contextlib
 import dataclasses
 import hashlib
 import itertools
+import json
+import logging
 import os
 import re
 import shutil
@@ -31,11 +33,17 @@ from PIL import Image
 
 from ldm.config import RUN_CONFIG, ConfigError, TrainConfig, save_config
 from ldm.data import SkipCounter
+from ldm.preemption import StopOnSignal, TrainingInterrupted
 
 logger = get_logger(__name__)
+plain_logger = logging.getLogger(__name__)  # for what runs before the Accelerator exists
 
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")  # a complete checkpoint; anything else in output_dir is not one
 PARTIAL_SUFFIX = ".partial"  # being written; renamed to checkpoint-<step> only once complete
+MANIFEST = "checkpoint_files.json"  # each file of a checkpoint and its size, written last
+# Test-only: seconds each process waits inside `save_checkpoint` with its files written but the
+# checkpoint not yet complete, so that tests/test_preemption.py can kill a run in the middle of a save.
+SAVE_DELAY_VARIABLE = "LDM_TEST_SAVE_DELAY"
 FUSED_ADAM_DEVICES = ("cpu", "cuda")  # where torch has a fused AdamW kernel for float32 weights
 
 
@@ -219,6 +227,29 @@ def finish_training(accelerator: Accelerator) -> None:
     accelerator.end_training()
 
 
+def checkpoint_or_stop(accelerator: Accelerator, config: TrainConfig, step: int, stop: StopOnSignal,
+                       meter: Throughput, add_files: Callable[[str], None] | None = None) -> bool:
+    """After each optimizer step: save a checkpoint every `checkpointing_steps`, and after the step
+    a stop signal came in (asked of every process, so that all stop after the same step). Returns
+    whether to stop now."""
+    stopping = stop.agreed(accelerator)
+    if step % config.checkpointing_steps == 0 or stopping:
+        save_checkpoint(accelerator, config.output_dir, step, config.checkpoints_total_limit, config, add_files)
+        meter.restart()
+    return stopping
+
+
+def stop_on_signal(accelerator: Accelerator, stop: StopOnSignal, step: int, output_dir: str) -> None:
+    """After a stop signal and its checkpoint: close the trackers and the process group, and exit
+    with 128 + the signal's number."""
+    cause = stop.signal.name if stop.signal else "another process's signal"
+    logger.warning(f"process {accelerator.process_index} stopped on {cause} after step {step}, exit code "
+                   f"{stop.exit_code}; saved checkpoint-{step} in {output_dir}: continue with "
+                   "--resume_from_checkpoint latest", main_process_only=False)
+    finish_training(accelerator)
+    raise TrainingInterrupted(stop.exit_code)
+
+
 def save_run_config(config: TrainConfig, output_dir: str) -> str:
     """The resolved settings beside the outputs, as YAML that `--config` reads back."""
     path = os.path.join(output_dir, RUN_CONFIG)
@@ -234,7 +265,9 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, total_
     moment leaves either a whole checkpoint or a `.partial` folder that nothing reads. Only then,
     and only on the main process, are the oldest checkpoints beyond `total_limit` removed.
     `add_files(folder)`, called on every process, writes what else a resumed run needs (a stream's
-    position) into the checkpoint before it is complete.
+    position) into the checkpoint before it is complete. The size of every file goes into
+    `MANIFEST` last, so that a file damaged later (a full disk, a copy cut short) is found before
+    resuming from it (`damage`).
     """
     final = os.path.join(output_dir, f"checkpoint-{step}")
     partial = final + PARTIAL_SUFFIX
@@ -246,8 +279,10 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, total_
         save_run_config(config, partial)
     if add_files is not None:
         add_files(partial)
+    time.sleep(float(os.environ.get(SAVE_DELAY_VARIABLE, 0)))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        write_manifest(partial)
         replace_folder(partial, final)
         if total_limit is not None:
             for old in complete_checkpoints(output_dir)[:-total_limit]:
@@ -268,6 +303,51 @@ def replace_folder(source: str, target: str) -> None:
     shutil.rmtree(stale)
 
 
+def write_manifest(folder: str) -> None:
+    sizes = {os.path.relpath(os.path.join(root, name), folder): os.path.getsize(os.path.join(root, name))
+             for root, _, names in os.walk(folder) for name in names}
+    with open(os.path.join(folder, MANIFEST), "w") as file:
+        json.dump(sizes, file, indent=1, sort_keys=True)
+
+
+def damage(checkpoint: str) -> str | None:
+    """What is wrong with a complete checkpoint's files, or None when each has the size it was saved
+    with. (A checkpoint written before manifests existed is taken as it is.)"""
+    manifest = os.path.join(checkpoint, MANIFEST)
+    if not os.path.isfile(manifest):
+        return None
+    try:
+        with open(manifest) as file:
+            sizes = json.load(file)
+    except (OSError, ValueError) as error:
+        return f"{manifest} cannot be read ({error})"
+    for name, size in sizes.items():
+        path = os.path.join(checkpoint, name)
+        if not os.path.isfile(path):
+            return f"{path} is missing"
+        if os.path.getsize(path) != size:
+            return f"{path} has {os.path.getsize(path)} bytes, but {size} were saved"
+    return None
+
+
+def newest_intact(output_dir: str) -> str | None:
+    """The newest complete checkpoint in `output_dir` whose files are whole; a damaged newer one is
+    passed over with a warning naming the file. Raises ConfigError when every one is damaged."""
+    checkpoints = complete_checkpoints(output_dir)
+    problems = []
+    for checkpoint in reversed(checkpoints):
+        problem = damage(checkpoint)
+        if problem is None:
+            for earlier in problems:
+                plain_logger.warning(f"not resuming from a damaged checkpoint: {earlier}; using {checkpoint}")
+            return checkpoint
+        problems.append(problem)
+    if problems:
+        raise ConfigError("every checkpoint in " + output_dir + " is damaged: " + "; ".join(problems)
+                          + ". Delete them to start again, or restore the files")
+    return None
+
+
 def complete_checkpoints(output_dir: str) -> list[str]:
     """`checkpoint-<step>` folders in `output_dir`, oldest first."""
     if not os.path.isdir(output_dir):
@@ -283,13 +363,15 @@ def find_checkpoint(resume_from_checkpoint: str | None, output_dir: str) -> str 
     if resume_from_checkpoint is None:
         return None
     if resume_from_checkpoint == "latest":
-        found = complete_checkpoints(output_dir)
-        return found[-1] if found else None
+        return newest_intact(output_dir)
     path = os.path.normpath(resume_from_checkpoint)
     if not (CHECKPOINT.fullmatch(os.path.basename(path)) and os.path.isdir(path)):
         choices = ", ".join(os.path.basename(p) for p in complete_checkpoints(output_dir)) or "none yet"
         raise ConfigError(f"resume_from_checkpoint {resume_from_checkpoint!r} is not a complete checkpoint folder "
                           f"(checkpoint-<step>); use 'latest' or one in {output_dir}: {choices}")
+    problem = damage(path)
+    if problem is not None:
+        raise ConfigError(f"resume_from_checkpoint {resume_from_checkpoint!r} is damaged: {problem}")
     return path
 
 

@@ -37,13 +37,14 @@ from ldm.lora import (TEXT_ENCODER_TARGETS, add_adapters, check_targets, is_adap
 from ldm.models import read_architecture, vae_scale_factor, vae_subfolder
 from ldm.openmoji import default_cache_dir
 from ldm.pipeline import LatentDiffusionPipeline
+from ldm.preemption import StopOnSignal
 from ldm.text import build_text_encoder, load_text_components, tokenize, train_tokenizer
 from ldm.streaming import StreamBatches, load_stream_state, open_stream, save_stream_state
 from ldm.timesteps import ImportanceTimesteps, mass_by_bin, timestep_sampler
-from ldm.training import (Throughput, apply_gradients, averaged_weights, batch_generator, check_finite, find_checkpoint,
-                          load_checkpoint, make_accelerator, make_ema, make_optimizer, report_step, resume_state,
-                          resumed_batches, save_checkpoint, save_run_config, save_validation_grid, finish_training,
-                          trainable_parameters, unreadable_rows)
+from ldm.training import (Throughput, apply_gradients, averaged_weights, batch_generator, check_finite,
+                          checkpoint_or_stop, find_checkpoint, finish_training, load_checkpoint, make_accelerator,
+                          make_ema, make_optimizer, report_step, resume_state, resumed_batches, save_run_config,
+                          save_validation_grid, stop_on_signal, trainable_parameters, unreadable_rows)
 
 logger = get_logger(__name__)
 UNREADABLE_BATCHES = 100  # in a row, before the run stops instead of skipping on forever
@@ -115,84 +116,89 @@ def train(config: UNetConfig) -> dict:
     skipped, meter, bins = SkipCounter(), Throughput(), {}
     progress = tqdm(total=config.max_train_steps, initial=global_step, desc="train_unet",
                     disable=not accelerator.is_local_main_process)
-    running, micro_batches, seen, unreadable_batches = 0.0, 0, 0, 0
-    for batch_number, batch in batches:
-        if global_step >= config.max_train_steps:
-            break
-        if "indices" in batch:  # images decoded in the step: count the unreadable ones
-            skipped.update(batch)
-            unreadable_batches = 0 if batch["indices"] else unreadable_batches + 1
-            if unreadable_batches == UNREADABLE_BATCHES:
-                raise ValueError(f"{UNREADABLE_BATCHES} batches in a row had no readable image (last: rows "
-                                 f"{batch['skipped'][:8]}...): check image_column and the data")
-            if not batch["indices"]:
-                continue  # every image of this batch was unreadable
-        generator = batch_generator(config.seed, accelerator.process_index, batch_number, accelerator.device)
-        with accelerator.accumulate(*models):
-            mean, std = posterior(vae, batch)
-            latents = diffusion.normalise_latents(mean + std * torch.randn(
-                mean.shape, generator=generator, device=mean.device), vae.config)
-            noise = diffusion.sample_noise(latents, config.noise_offset, generator)
-            timesteps, importance = timesteps_from.sample(latents.shape[0], generator)
-            noisy = diffusion.noised(noise_scheduler, latents, noise, timesteps, config.input_perturbation,
-                                     generator)
-            conditioning = encode_captions(batch, tokenizer, text_encoder, empty, empty_ids, config.caption_dropout,
-                                           generator)
-            prediction = unet(noisy, timesteps, conditioning).sample
-            per_sample = F.mse_loss(prediction.float(), diffusion.target(noise_scheduler, latents, noise, timesteps)
-                                    .float(), reduction="none").mean(dim=(1, 2, 3))
-            weights = (diffusion.min_snr_weights(diffusion.snr(noise_scheduler, timesteps), config.snr_gamma,
-                                                 config.prediction_type)
-                       if config.snr_gamma else torch.ones_like(per_sample))
-            loss = (importance * weights * per_sample).mean()
-            check_finite(accelerator.reduce(loss.detach(), "mean"), global_step + 1)
+    running, micro_batches, seen, unreadable_batches, stopping = 0.0, 0, 0, 0, False
+    # A stop signal from here on is deferred: in the loop it ends the run after the step in progress,
+    # with a checkpoint; after the loop, the final save completes.
+    with StopOnSignal(config.save_on_signal) as stop:
+        for batch_number, batch in batches:
+            if global_step >= config.max_train_steps:
+                break
+            if "indices" in batch:  # images decoded in the step: count the unreadable ones
+                skipped.update(batch)
+                unreadable_batches = 0 if batch["indices"] else unreadable_batches + 1
+                if unreadable_batches == UNREADABLE_BATCHES:
+                    raise ConfigError(f"{UNREADABLE_BATCHES} batches in a row had no readable image (last: rows "
+                                     f"{batch['skipped'][:8]}...): check image_column and the data")
+                if not batch["indices"]:
+                    continue  # every image of this batch was unreadable
+            generator = batch_generator(config.seed, accelerator.process_index, batch_number, accelerator.device)
+            with accelerator.accumulate(*models):
+                mean, std = posterior(vae, batch)
+                latents = diffusion.normalise_latents(mean + std * torch.randn(
+                    mean.shape, generator=generator, device=mean.device), vae.config)
+                noise = diffusion.sample_noise(latents, config.noise_offset, generator)
+                timesteps, importance = timesteps_from.sample(latents.shape[0], generator)
+                noisy = diffusion.noised(noise_scheduler, latents, noise, timesteps, config.input_perturbation,
+                                         generator)
+                conditioning = encode_captions(batch, tokenizer, text_encoder, empty, empty_ids,
+                                               config.caption_dropout, generator)
+                prediction = unet(noisy, timesteps, conditioning).sample
+                target = diffusion.target(noise_scheduler, latents, noise, timesteps)
+                per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                weights = (diffusion.min_snr_weights(diffusion.snr(noise_scheduler, timesteps), config.snr_gamma,
+                                                     config.prediction_type)
+                           if config.snr_gamma else torch.ones_like(per_sample))
+                loss = (importance * weights * per_sample).mean()
+                check_finite(accelerator.reduce(loss.detach(), "mean"), global_step + 1)
 
-            apply_gradients(accelerator, loss, parameters, optimizer, lr_scheduler, config.max_grad_norm)
+                apply_gradients(accelerator, loss, parameters, optimizer, lr_scheduler, config.max_grad_norm)
 
-        timesteps_from.update(timesteps, (weights * per_sample).detach())
-        add_bins(bins, per_sample.detach(), timesteps, noise_scheduler, config.loss_bins)
-        running += loss.item()
-        micro_batches += 1
-        seen += latents.shape[0] * accelerator.num_processes
-        if not accelerator.sync_gradients:
-            continue
-        global_step += 1
-        if ema is not None:
-            ema.step(trainable_parameters(accelerator.unwrap_model(unet)))
-        meter.update(seen)
-        report_step(accelerator, progress, meter, running / micro_batches, lr_scheduler.get_last_lr()[0], global_step)
-        running, micro_batches, seen = 0.0, 0, 0
+            timesteps_from.update(timesteps, (weights * per_sample).detach())
+            add_bins(bins, per_sample.detach(), timesteps, noise_scheduler, config.loss_bins)
+            running += loss.item()
+            micro_batches += 1
+            seen += latents.shape[0] * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            if ema is not None:
+                ema.step(trainable_parameters(accelerator.unwrap_model(unet)))
+            meter.update(seen)
+            report_step(accelerator, progress, meter, running / micro_batches, lr_scheduler.get_last_lr()[0],
+                        global_step)
+            running, micro_batches, seen = 0.0, 0, 0
 
-        if global_step % config.checkpointing_steps == 0:
-            save_checkpoint(accelerator, config.output_dir, global_step, config.checkpoints_total_limit, config,
-                            data.add_checkpoint_files)
-            meter.restart()
-        if global_step % config.validation_steps == 0 and global_step < config.max_train_steps:
-            log_bins(accelerator, bins, timesteps_from, config.loss_bins, global_step)
-            bins = {}
-            validate(accelerator, config, vae, tokenizer, text_encoder, unet, ema, noise_scheduler, global_step)
-            meter.restart()
-    progress.close()
+            stopping = checkpoint_or_stop(accelerator, config, global_step, stop, meter, data.add_checkpoint_files)
+            if stopping:
+                break
+            if global_step % config.validation_steps == 0 and global_step < config.max_train_steps:
+                log_bins(accelerator, bins, timesteps_from, config.loss_bins, global_step)
+                bins = {}
+                validate(accelerator, config, vae, tokenizer, text_encoder, unet, ema, noise_scheduler, global_step)
+                meter.restart()
+        progress.close()
+        if stopping:
+            stop_on_signal(accelerator, stop, global_step, config.output_dir)
 
-    # 6. The final pipeline (or LoRA adapters), with the EMA weights when there are some. The unreadable
-    # images are counted first: a collective's Python tensor freed on gloo's thread while the process
-    # group is torn down deadlocks both (see finish_training), so the last such collective is not the last one.
-    unreadable = data.unreadable(skipped, accelerator)
-    accelerator.wait_for_everyone()
-    log_bins(accelerator, bins, timesteps_from, config.loss_bins, global_step)
-    if accelerator.is_main_process:
-        with exported_pipeline(accelerator, vae, tokenizer, text_encoder, unet, ema, noise_scheduler) as pipeline:
-            save_model(pipeline, config)
-            save_validation_grid(sample_grid(pipeline, config, accelerator.device), config.output_dir, accelerator,
-                                 global_step, "samples")
-    saved = "LoRA adapters" if config.lora_rank else "pipeline"
-    logger.info(f"skipped {unreadable} unreadable image(s); saved the {saved} to {config.output_dir}",
-                main_process_only=True)
-    finish_training(accelerator)
-    result = {"global_step": global_step, "unreadable_images": unreadable, "images_per_second": meter.rate}
-    if accelerator.is_main_process:
-        finish_run(config, result)
-    return result
+        # 6. The final pipeline (or LoRA adapters), with the EMA weights when there are some. The unreadable
+        # images are counted first: a collective's Python tensor freed on gloo's thread while the process
+        # group is torn down deadlocks both (see finish_training), so the last such collective is not the last one.
+        unreadable = data.unreadable(skipped, accelerator)
+        accelerator.wait_for_everyone()
+        log_bins(accelerator, bins, timesteps_from, config.loss_bins, global_step)
+        if accelerator.is_main_process:
+            with exported_pipeline(accelerator, vae, tokenizer, text_encoder, unet, ema, noise_scheduler) as pipeline:
+                save_model(pipeline, config)
+                save_validation_grid(sample_grid(pipeline, config, accelerator.device), config.output_dir, accelerator,
+                                     global_step, "samples")
+        saved = "LoRA adapters" if config.lora_rank else "pipeline"
+        logger.info(f"skipped {unreadable} unreadable image(s); saved the {saved} to {config.output_dir}",
+                    main_process_only=True)
+        finish_training(accelerator)
+        result = {"global_step": global_step, "unreadable_images": unreadable, "images_per_second": meter.rate}
+        if accelerator.is_main_process:
+            finish_run(config, result)
+        return result
 
 
 class TrainingData:

@@ -18,14 +18,15 @@ from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from tqdm.auto import tqdm
 
-from ldm.config import VAEConfig, require_divisible
+from ldm.config import ConfigError, VAEConfig, require_divisible
 from ldm.data import ImageCaptionDataset, SkipCounter, dataloader, load_splits
 from ldm.hub import finish_run
 from ldm.models import load_vae, vae_architecture, vae_scale_factor
+from ldm.preemption import StopOnSignal
 from ldm.training import (Throughput, apply_gradients, averaged_weights, batch_generator, check_finite,
-                          find_checkpoint, finish_training, make_accelerator, make_ema, make_optimizer, resume_state,
-                          resumed_batches, save_checkpoint, save_run_config, save_validation_grid, shard,
-                          unreadable_rows)
+                          checkpoint_or_stop, find_checkpoint, finish_training, make_accelerator, make_ema,
+                          make_optimizer, resume_state, resumed_batches, save_run_config, save_validation_grid, shard,
+                          stop_on_signal, unreadable_rows)
 from ldm.vae_loss import PatchDiscriminator, autoencoder_loss, discriminator_loss, load_lpips
 
 logger = get_logger(__name__)
@@ -90,81 +91,88 @@ def train(config: VAEConfig) -> dict:
 
     # 5. The loop.
     skipped, meter = SkipCounter(), Throughput()
-    running, micro_batches, images = None, 0, 0
-    with tqdm(total=config.max_train_steps, initial=global_step, desc="train_vae",
-              disable=not accelerator.is_local_main_process) as progress:
-        for batch_number, batch in resumed_batches(accelerator, loader, first_epoch, batches_to_skip):
-            if global_step >= config.max_train_steps:
-                break
-            skipped.update(batch)
-            if not batch["indices"]:  # every image of this batch was unreadable
-                if len(skipped.rows) == len(train_rows):
-                    raise ValueError(f"none of the {len(train_rows)} training images can be read")
-                continue
-            pixels = batch["pixel_values"]
-            with accelerator.accumulate(*models):
-                noise = batch_generator(config.seed, accelerator.process_index, batch_number, accelerator.device)
-                reconstructions, latents, moments = autoencoder(pixels, noise)
-                gan_on = discriminator is not None and global_step >= config.disc_start
-                terms = autoencoder_loss(pixels, reconstructions, DiagonalGaussianDistribution(moments), config,
-                                         perceptual, critic if gan_on else None, vae.decoder.conv_out.weight)
-                if gan_on:
-                    d_terms = discriminator_loss(discriminator, pixels, reconstructions)
-                    terms.update(d_terms)
-                terms["latent_std"] = latents.detach().std()
-                values = accelerator.reduce(torch.stack([t.detach().float() for t in terms.values()]), "mean")
-                check_finite(values[0], global_step + 1)  # values[0] is the loss, averaged over processes
+    running, micro_batches, images, stopping = None, 0, 0, False
+    # A stop signal from here on is deferred: in the loop it ends the run after the step in progress,
+    # with a checkpoint; after the loop, the final save completes.
+    with StopOnSignal(config.save_on_signal) as stop:
+        with tqdm(total=config.max_train_steps, initial=global_step, desc="train_vae",
+                  disable=not accelerator.is_local_main_process) as progress:
+            for batch_number, batch in resumed_batches(accelerator, loader, first_epoch, batches_to_skip):
+                if global_step >= config.max_train_steps:
+                    break
+                skipped.update(batch)
+                if not batch["indices"]:  # every image of this batch was unreadable
+                    if len(skipped.rows) == len(train_rows):
+                        raise ConfigError(f"none of the {len(train_rows)} training images can be read: check "
+                                          "image_column and the files")
+                    continue
+                pixels = batch["pixel_values"]
+                with accelerator.accumulate(*models):
+                    noise = batch_generator(config.seed, accelerator.process_index, batch_number, accelerator.device)
+                    reconstructions, latents, moments = autoencoder(pixels, noise)
+                    gan_on = discriminator is not None and global_step >= config.disc_start
+                    terms = autoencoder_loss(pixels, reconstructions, DiagonalGaussianDistribution(moments), config,
+                                             perceptual, critic if gan_on else None, vae.decoder.conv_out.weight)
+                    if gan_on:
+                        d_terms = discriminator_loss(discriminator, pixels, reconstructions)
+                        terms.update(d_terms)
+                    terms["latent_std"] = latents.detach().std()
+                    values = accelerator.reduce(torch.stack([t.detach().float() for t in terms.values()]), "mean")
+                    check_finite(values[0], global_step + 1)  # values[0] is the loss, averaged over processes
 
-                apply_gradients(accelerator, terms["loss"], list(autoencoder.parameters()), optimizer, scheduler,
-                                config.max_grad_norm)
-                if gan_on:
-                    apply_gradients(accelerator, d_terms["discriminator"], list(discriminator.parameters()),
-                                    d_optimizer, d_scheduler, config.max_grad_norm)
+                    apply_gradients(accelerator, terms["loss"], list(autoencoder.parameters()), optimizer, scheduler,
+                                    config.max_grad_norm)
+                    if gan_on:
+                        apply_gradients(accelerator, d_terms["discriminator"], list(discriminator.parameters()),
+                                        d_optimizer, d_scheduler, config.max_grad_norm)
 
-            running = values if running is None else running + values
-            micro_batches += 1
-            images += len(batch["indices"]) * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue
-            global_step += 1
-            if ema is not None:
-                ema.step(vae.parameters())
-            meter.update(images)
-            logs = {f"train/{name}": value.item() for name, value in zip(terms, running / micro_batches)}
-            logs.update({"train/learning_rate": scheduler.get_last_lr()[0], "train/images_per_second": meter.rate})
-            accelerator.log(logs, step=global_step)
-            progress.update(1)
-            progress.set_postfix(loss=f"{logs['train/loss']:.4f}", img_s=f"{meter.rate:.0f}")
-            running, micro_batches, images = None, 0, 0
+                running = values if running is None else running + values
+                micro_batches += 1
+                images += len(batch["indices"]) * accelerator.num_processes
+                if not accelerator.sync_gradients:
+                    continue
+                global_step += 1
+                if ema is not None:
+                    ema.step(vae.parameters())
+                meter.update(images)
+                logs = {f"train/{name}": value.item() for name, value in zip(terms, running / micro_batches)}
+                logs.update({"train/learning_rate": scheduler.get_last_lr()[0], "train/images_per_second": meter.rate})
+                accelerator.log(logs, step=global_step)
+                progress.update(1)
+                progress.set_postfix(loss=f"{logs['train/loss']:.4f}", img_s=f"{meter.rate:.0f}")
+                running, micro_batches, images = None, 0, 0
 
-            if global_step % config.checkpointing_steps == 0:
-                save_checkpoint(accelerator, config.output_dir, global_step, config.checkpoints_total_limit, config)
-                meter.restart()
-            if global_step % config.validation_steps == 0 and global_step < config.max_train_steps:
-                with averaged_weights(ema, vae):
-                    validate(vae, validation_rows, config, accelerator, global_step)
-                meter.restart()
+                stopping = checkpoint_or_stop(accelerator, config, global_step, stop, meter)
+                if stopping:
+                    break
+                if global_step % config.validation_steps == 0 and global_step < config.max_train_steps:
+                    with averaged_weights(ema, vae):
+                        validate(vae, validation_rows, config, accelerator, global_step)
+                    meter.restart()
 
-    # 6. The final model: EMA weights if any, validated, its latent scale measured, saved.
-    accelerator.wait_for_everyone()
-    if ema is not None:
-        ema.copy_to(vae.parameters())
-    metrics = validate(vae, validation_rows, config, accelerator, global_step)
-    stats = latent_statistics(vae, train_rows, config, accelerator)
-    unreadable = unreadable_rows(skipped, len(train_rows), accelerator)
-    if accelerator.is_main_process:
-        save_vae(vae, stats, config)
-    accelerator.log({"latents/scaling_factor": stats["scaling_factor"], "latents/std": stats["std"],
-                     "data/unreadable_images": len(unreadable)}, step=global_step)
-    logger.info(f"latent std {stats['std']:.4f}: scaling_factor = {stats['scaling_factor']:.4f}; "
-                f"skipped {len(unreadable)} unreadable training image(s) {unreadable[:20]}; "
-                f"saved the VAE to {config.output_dir}")
-    finish_training(accelerator)
-    result = {"global_step": global_step, "scaling_factor": stats["scaling_factor"], **metrics,
-              "unreadable_images": unreadable}
-    if accelerator.is_main_process:
-        finish_run(config, result)
-    return result
+        if stopping:
+            stop_on_signal(accelerator, stop, global_step, config.output_dir)
+
+        # 6. The final model: EMA weights if any, validated, its latent scale measured, saved.
+        accelerator.wait_for_everyone()
+        if ema is not None:
+            ema.copy_to(vae.parameters())
+        metrics = validate(vae, validation_rows, config, accelerator, global_step)
+        stats = latent_statistics(vae, train_rows, config, accelerator)
+        unreadable = unreadable_rows(skipped, len(train_rows), accelerator)
+        if accelerator.is_main_process:
+            save_vae(vae, stats, config)
+        accelerator.log({"latents/scaling_factor": stats["scaling_factor"], "latents/std": stats["std"],
+                         "data/unreadable_images": len(unreadable)}, step=global_step)
+        logger.info(f"latent std {stats['std']:.4f}: scaling_factor = {stats['scaling_factor']:.4f}; "
+                    f"skipped {len(unreadable)} unreadable training image(s) {unreadable[:20]}; "
+                    f"saved the VAE to {config.output_dir}")
+        finish_training(accelerator)
+        result = {"global_step": global_step, "scaling_factor": stats["scaling_factor"], **metrics,
+                  "unreadable_images": unreadable}
+        if accelerator.is_main_process:
+            finish_run(config, result)
+        return result
 
 
 def reconstruct(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:

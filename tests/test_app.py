@@ -21,6 +21,8 @@ from transformers import CLIPTextModel
 
 from ldm.app import build, caption, draw_request, in_page, parse_args, request_config, serve
 from ldm.consistency import student_from
+from ldm.export import export_onnx
+from ldm.generate import main as generate_main
 from ldm.options import ModelKind, applicable_options, left_out, samplers_for
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.text import text_encoder_config
@@ -61,6 +63,7 @@ def model_dir(tmp_path_factory, tiny_tokenizer):
 def test_each_kind_of_model_is_offered_only_its_options():
     plain = ModelKind()
     assert "negative_prompt" in applicable_options(plain) and "lora_scale" not in applicable_options(plain)
+    assert {"fast", "lora_scale"} & set(applicable_options(ModelKind(lora=True, backend="onnx"))) == set()
     assert "lcm" not in samplers_for(plain) and {"ddim", "euler_a", "dpm++2m_karras"} <= set(samplers_for(plain))
     assert "lora_scale" in applicable_options(ModelKind(lora=True))
     lcm = ModelKind(distillation={"method": "lcm", "num_inference_steps": 4})
@@ -120,6 +123,24 @@ def test_a_model_with_lora_adapters_offers_their_scale_and_draws_with_it(model_d
     without, half = drawn(0.0), drawn(0.5)
     assert not np.array_equal(np.asarray(Image.open(without)), np.asarray(Image.open(half)))
     assert Image.open(half).text["lora_scale"] == "0.5" and caption(half).endswith("· LoRA 0.5")
+
+
+def test_an_onnx_export_s_page_offers_no_fast_mode_and_draws_generate_py_s_png(model_dir, tmp_path):
+    export_onnx(model_dir, str(tmp_path / "onnx"))
+    _, config = parse_args(["--model", str(tmp_path / "onnx"), "--backend", "onnx", "--num_inference_steps", "2"])
+    served = serve(config, str(tmp_path))
+    fields = form_ids(build(served))
+    assert "fast" not in fields and "lora_scale" not in fields and "negative_prompt" in fields
+    values = dict(prompt="red heart", seed=5, random_seed=False, num_images_per_prompt=2)
+    ours = draw_request(served, request_config(served, values), progress=lambda *args, **kwargs: None)
+
+    assert generate_main(["--model", str(tmp_path / "onnx"), "--backend", "onnx", "--prompt", "red heart", "--seed",
+                          "5", "--num_images_per_prompt", "2", "--num_inference_steps", "2",
+                          "--output_dir", str(tmp_path / "cli")]) == 0
+    for path in ours:
+        theirs = Image.open(tmp_path / "cli" / os.path.basename(path))
+        assert np.array_equal(np.asarray(Image.open(path)), np.asarray(theirs))
+        assert Image.open(path).text == theirs.text and theirs.text["backend"] == "onnx"
 
 
 def test_bad_input_becomes_a_message_in_the_form_s_words(model_dir, tmp_path):

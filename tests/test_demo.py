@@ -3,8 +3,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import numpy as np
@@ -84,3 +86,49 @@ def test_the_lora_demo_config_adapts_the_demo_model(monkeypatch, tmp_path):
     assert config.pretrained_model_name_or_path == demo.UNET_DIR and config.lora_rank
     assert config.output_dir == lora_demo.LORA_DIR and config.train_text_encoder_lora
     assert all(line.endswith(" inverted") for line in open(lora_demo.PROMPTS, encoding="utf-8").read().splitlines())
+
+
+def test_a_stage_stopped_by_a_signal_stops_the_demo_with_the_stage_s_code_after_it_has_exited(tmp_path):
+    """SIGTERM sent to the demo alone reaches the stage; the demo waits for it, then exits 143."""
+    saved = tmp_path / "saved"
+    stage = textwrap.dedent(f"""
+        import signal, sys, time
+        def save_and_exit(number, frame):
+            time.sleep(0.5)
+            open({str(saved)!r}, "w").write("saved")
+            sys.exit(143)
+        signal.signal(signal.SIGTERM, save_and_exit)
+        print("ready", flush=True)
+        time.sleep(60)
+    """)
+    script = textwrap.dedent(f"""
+        import sys
+        from ldm import demo
+        try:
+            demo.run_timed("stage", [sys.executable, "-c", {stage!r}])
+        except demo.Interrupted as stop:
+            print("interrupted", stop.code, flush=True)
+            raise
+    """)
+    running = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    for line in running.stdout:
+        if line.strip() == "ready":
+            break
+    running.send_signal(signal.SIGTERM)
+    out, _ = running.communicate(timeout=30)
+    assert running.returncode == 143 and "interrupted 143" in out
+    assert saved.read_text() == "saved"  # the demo waited for the stage to finish saving
+
+
+def test_an_interrupted_demo_continues_after_its_finished_stages_and_a_changed_one_starts_over(tmp_path,
+                                                                                            monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "a.yaml").write_text("steps: 1\n")
+    commands = [("one", ["python", "one"]), ("two", ["python", "two"])]
+    key = demo.fingerprint(commands)
+    demo.write_state(key, {"one": 1.5})
+    assert demo.read_state(key) == {"one": 1.5}
+    (tmp_path / "configs" / "a.yaml").write_text("steps: 2\n")
+    assert demo.fingerprint(commands) != key and demo.read_state(demo.fingerprint(commands)) == {}
+    assert demo.fingerprint(commands[:1]) != key

@@ -3,7 +3,7 @@ import os
 import torch
 from transformers import CLIPTokenizer
 
-from ldm.text import build_text_encoder, tokenize
+from ldm.text import build_text_encoder, tokenize, train_tokenizer
 from tests.conftest import TINY_CAPTIONS
 
 
@@ -38,3 +38,14 @@ def test_text_encoder_from_config_matches_tokenizer(tiny_tokenizer, tmp_path):
     assert encoder.config.vocab_size == len(tiny_tokenizer)  # the file's vocab_size is overridden
     out = encoder(tokenize(tiny_tokenizer, ["rocket"])).last_hidden_state
     assert out.shape == (1, 77, 32) and torch.isfinite(out).all()
+
+
+def test_a_tokenizer_trained_again_on_the_same_captions_has_the_same_ids(tmp_path):
+    """BPE's trainer numbers equally frequent characters in hash-map order, which differs between
+    trainings; train_tokenizer numbers them in sorted order, so a seed trains one model."""
+    captions = [f"square {i % 6} {'red green blue'.split()[i % 3]} x{i}y" for i in range(40)]
+    vocabularies = [train_tokenizer(captions, 300, str(tmp_path / str(i)), 16).get_vocab() for i in range(4)]
+    assert all(vocabulary == vocabularies[0] for vocabulary in vocabularies)
+    tokenizer = CLIPTokenizer.from_pretrained(tmp_path / "0")
+    assert tokenizer.convert_ids_to_tokens(tokenize(tokenizer, ["square 3 red"])[0, :4].tolist())[1:] == [
+        "square</w>", "3</w>", "red</w>"]
