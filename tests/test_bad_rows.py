@@ -13,13 +13,13 @@ from PIL import Image
 
 import train_unet
 import train_vae
+# chaos as a module of bench/, not with bench/ first on sys.path: there, bench/onnx.py would shadow the
+# onnx package that torch.onnx.export imports (and test_onnx.py's exports fail).
+from bench import chaos
 from ldm.config import ConfigError
 from ldm.data import caption_list
 from tests.test_training import fresh_accelerator_state  # noqa: F401 (autouse fixture)
 from tests.test_train_vae import tiny_vae_json  # noqa: F401 (a fixture)
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-import chaos  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

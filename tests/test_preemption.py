@@ -14,13 +14,13 @@ import torch
 from safetensors.torch import load_file
 
 import train_vae
+# chaos as a module of bench/, not with bench/ first on sys.path: there, bench/onnx.py would shadow the
+# onnx package that torch.onnx.export imports (and test_onnx.py's exports fail).
+from bench import chaos
 from ldm.config import ConfigError
 from ldm.training import MANIFEST, complete_checkpoints
 from tests.test_train_vae import tiny_run, tiny_vae_json, write_imagefolder  # noqa: F401 (a fixture)
 from tests.test_training import fresh_accelerator_state  # noqa: F401 (autouse fixture)
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-import chaos  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
