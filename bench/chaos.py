@@ -240,8 +240,8 @@ def final_weights(trainer: str, output_dir: str) -> dict[str, torch.Tensor]:
     return load_file(os.path.join(output_dir, name) if trainer == "vae" else os.path.join(output_dir, "unet", name))
 
 
-def run_trial(trainer: str, processes: int, kills: int, work: str, seed: int, save_delay: float = 0.4) -> Trial:
-    """The uninterrupted run, then the run killed `kills` times (every third kill inside a save), each
+def run_trial(trainer: str, processes: int, kills: int, work: str, seed: int, save_delay: float = 0.2) -> Trial:
+    """The uninterrupted run, then the run killed `kills` times (every second kill inside a save), each
     kill followed by a resume, then resumed to the end. Fewer kills are made if the run gets through
     its last step first."""
     rng = random.Random(f"{seed}/{trainer}/{processes}")
@@ -255,7 +255,7 @@ def run_trial(trainer: str, processes: int, kills: int, work: str, seed: int, sa
     while len(trial.kills) < kills:
         run = Run(trainer_command(trainer, work, chaotic, processes, port + 1 + len(trial.kills)), env)
         name = rng.choice(["SIGTERM", "SIGKILL"])
-        during_save = one_kill(run, chaotic, rng, name, in_save=len(trial.kills) % 3 == 2)
+        during_save = one_kill(run, chaotic, rng, name, in_save=len(trial.kills) % 2 == 1)
         code = run.wait()
         if during_save is None and code != 0:
             raise RuntimeError(f"the {trainer} run failed before kill {len(trial.kills) + 1}:\n{run.text[-3000:]}")

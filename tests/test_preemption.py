@@ -75,9 +75,9 @@ def chaos_work(tmp_path_factory):
 
 
 def test_killed_vae_runs_resume_to_the_uninterrupted_weights(chaos_work):
-    """One process, 3 kills (the third inside a checkpoint save): see bench/chaos.py."""
-    trial = chaos.run_trial("vae", 1, kills=3, work=chaos_work, seed=0)
-    assert len(trial.kills) == 3 and trial.kills[2].during_save
+    """One process, 2 kills (the second inside a checkpoint save): see bench/chaos.py."""
+    trial = chaos.run_trial("vae", 1, kills=2, work=chaos_work, seed=0)
+    assert len(trial.kills) == 2 and trial.kills[1].during_save
     assert {kill.signal for kill in trial.kills} == {"SIGTERM", "SIGKILL"}
     assert chaos.problems(trial) == []
 
