@@ -13,7 +13,6 @@ file is the same, byte for byte, whatever the number of processes.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -26,14 +25,14 @@ from typing import Callable, Literal
 
 import torch
 from accelerate import PartialState
-from PIL import Image, ImageOps
+from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from transformers import HfArgumentParser
 
 from ldm.chunks import partial_name
-from ldm.data import open_rgb
 from ldm.hub import HubError, find_lora, find_model, is_hub_id, named_revision, read_distillation
-from ldm.editing import binary_mask, default_strength, edit_steps
+from ldm.edit_inputs import (EditInputs, check_edit, check_edit_flags, edit_strength, input_picture,
+                              read_edit_inputs, with_input_column)
 from ldm.onnx_pipeline import MANIFEST as ONNX_MANIFEST, OnnxLatentDiffusionPipeline
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.schedulers import resolve_scheduler, scheduler_name
@@ -165,88 +164,6 @@ def check_backend_flags(config: GenerateConfig) -> None:
     if config.device not in ("auto", "cpu"):
         raise ValueError(f"--device {config.device} does not apply to --backend onnx, which runs on ONNX Runtime's CPU "
                          "provider; use --device cpu or auto")
-
-
-def check_edit_flags(config: GenerateConfig) -> None:
-    if config.init_image is None:
-        for name in ("strength", "mask_image", "padding_mask_crop"):
-            if getattr(config, name) is not None:
-                raise ValueError(f"--{name} edits an image: pass --init_image too")
-        return
-    if config.strength is not None and not 0.0 < config.strength <= 1.0:
-        raise ValueError(f"--strength must be in (0, 1], got {config.strength}")
-    if config.padding_mask_crop is not None:
-        if config.mask_image is None:
-            raise ValueError("--padding_mask_crop crops around the mask: pass --mask_image too")
-        if config.padding_mask_crop < 0:
-            raise ValueError(f"--padding_mask_crop must be a number of pixels >= 0, got {config.padding_mask_crop}")
-
-
-@dataclass
-class EditInputs:
-    """The image to edit and its optional mask, opened and checked, and what identifies each file."""
-    image: Image.Image
-    mask: Image.Image | None
-    metadata: dict[str, str]
-
-
-def read_edit_inputs(config: GenerateConfig) -> EditInputs | None:
-    """--init_image and --mask_image opened (transparency composited on white), or None without them."""
-    if config.init_image is None:
-        return None
-    image, metadata = open_input(config.init_image, "init_image", open_rgb)
-    mask = None
-    if config.mask_image is not None:
-        mask, mask_metadata = open_input(config.mask_image, "mask_image", open_mask)
-        metadata.update(mask_metadata)
-        if binary_mask(mask).getbbox() is None:
-            raise ValueError(f"--mask_image {config.mask_image} is black everywhere: nothing to repaint (white marks "
-                             "what to repaint, black what to keep)")
-        if mask.size != image.size:
-            raise ValueError(f"--mask_image {config.mask_image} is {mask.width}×{mask.height} pixels but --init_image "
-                             f"{config.init_image} is {image.width}×{image.height}; they must be the same size")
-    return EditInputs(image, mask, metadata)
-
-
-def open_mask(path: str) -> Image.Image:
-    """A mask in grey levels. Transparency counts as black (keep), so a white stroke painted on a
-    transparent layer marks just the stroke."""
-    picture = ImageOps.exif_transpose(Image.open(path))
-    if picture.mode in ("RGBA", "LA", "PA") or (picture.mode == "P" and "transparency" in picture.info):
-        rgba = picture.convert("RGBA")
-        picture = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
-    return picture.convert("L")
-
-
-def open_input(path: str, flag: str, opener) -> tuple[Image.Image, dict[str, str]]:
-    """An input image, opened by `opener`, and its file name and sha256, for the PNGs' text chunks."""
-    if not os.path.isfile(path):
-        raise ValueError(f"--{flag} {path} does not exist")
-    try:
-        image = opener(path)
-    except (OSError, ValueError) as error:
-        raise ValueError(f"--{flag} {path} is not a readable image: {error}") from None
-    with open(path, "rb") as file:
-        digest = hashlib.sha256(file.read()).hexdigest()
-    return image, {flag: os.path.basename(path), f"{flag}_sha256": digest}
-
-
-def check_edit(pipe: LatentDiffusionPipeline, edit: EditInputs, config: GenerateConfig) -> None:
-    """The checks that need the model (its VAE factor) or the step count it settles."""
-    factor = pipe.vae_scale_factor
-    if min(edit.image.size) < factor:
-        raise ValueError(f"--init_image {config.init_image} is {edit.image.width}×{edit.image.height} pixels, smaller "
-                         f"than one latent pixel ({factor}×{factor})")
-    strength = edit_strength(config)
-    steps = edit_steps(config.num_inference_steps, strength)
-    if steps < 1:
-        raise ValueError(f"--strength {strength} of {config.num_inference_steps} steps leaves {steps} steps to run; "
-                         f"raise --strength to at least {1 / config.num_inference_steps:.3g} or --num_inference_steps")
-
-
-def edit_strength(config: GenerateConfig) -> float:
-    """--strength, or the pipeline's default for the kind of edit."""
-    return config.strength if config.strength is not None else default_strength(config.mask_image is not None)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -535,20 +452,6 @@ def write_grid(paths: list[str], images_per_prompt: int, edit: EditInputs | None
     partial = partial_name(grid)
     contact_sheet(images, images_per_prompt).save(partial, format="PNG")
     os.replace(partial, grid)
-
-
-def input_picture(edit: EditInputs, size: tuple[int, int]) -> Image.Image:
-    picture = edit.image
-    if edit.mask is not None:
-        red = Image.new("RGB", picture.size, (255, 0, 0))
-        picture = Image.composite(Image.blend(picture, red, 0.5), picture, edit.mask.point(lambda v: 255 * (v >= 128)))
-    return picture.resize(size, Image.Resampling.LANCZOS)
-
-
-def with_input_column(images: list[Image.Image], per_prompt: int, picture: Image.Image
-                      ) -> tuple[list[Image.Image], int]:
-    rows = [images[i:i + per_prompt] for i in range(0, len(images), per_prompt)]
-    return [image for row in rows for image in (picture, *row)], per_prompt + 1
 
 
 def contact_sheet(images: list[Image.Image], columns: int) -> Image.Image:
