@@ -36,16 +36,8 @@ from safetensors.torch import load_file
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from ldm.training import CHECKPOINT, PARTIAL_SUFFIX, SAVE_DELAY_VARIABLE, damage, newest_intact  # noqa: E402
+from tests.conftest import TINY_TEXT_ENCODER, TINY_UNET, TINY_VAE  # noqa: E402 (the test suite's tiny models)
 
-TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, sample_size=16, layers_per_block=1,
-                down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"], norm_num_groups=8,
-                up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], block_out_channels=[8, 16])
-TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=[16, 32],
-                 norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4,
-                 down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
-                 up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"])
-TINY_TEXT_ENCODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         projection_dim=32)
 STEPS, CHECKPOINTING_STEPS = 40, 4
 PROGRESS = re.compile(r"train_(?:vae|unet): +\d+%\|[^|]*\| (\d+)/\d+ \[")  # the trainer's tqdm bar
 STOPPED = re.compile(r"stopped on .+? after step (\d+), exit code (\d+)")
