@@ -16,10 +16,12 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
 
 import torch
 from accelerate import Accelerator
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 SAME_REQUEST_SECONDS = 1.0
 
@@ -29,7 +31,7 @@ class TrainingInterrupted(SystemExit):
 
 
 class StopOnSignal:
-    """While entered (in the main thread), the stop signals are recorded instead of ending the process."""
+    """While entered, the stop signals are recorded instead of ending the process."""
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
@@ -38,7 +40,8 @@ class StopOnSignal:
         self.previous: dict[int, object] = {}
 
     def __enter__(self) -> "StopOnSignal":
-        if self.enabled:
+        # Python lets only the main thread set handlers; a trainer run from another thread keeps the defaults.
+        if self.enabled and threading.current_thread() is threading.main_thread():
             self.previous = {number: signal.signal(number, self.record) for number in STOP_SIGNALS}
         return self
 

@@ -172,3 +172,19 @@ def test_the_manifest_lists_every_file_of_the_checkpoint_with_its_size(two_check
     on_disk = {name for name in os.listdir(folder) if name != MANIFEST}
     assert set(sizes) == on_disk and {"model.safetensors", "optimizer.bin", "random_states_0.pkl"} <= on_disk
     assert all(os.path.getsize(os.path.join(folder, name)) == size for name, size in sizes.items())
+
+
+def test_a_trainer_run_from_another_thread_keeps_the_default_handlers():
+    done = run_python("""
+        import signal, threading
+        from ldm.preemption import StopOnSignal
+        before, seen = signal.getsignal(signal.SIGTERM), []
+        def work():
+            with StopOnSignal():
+                seen.append(signal.getsignal(signal.SIGTERM))
+        thread = threading.Thread(target=work)
+        thread.start()
+        thread.join()
+        print(seen == [before])
+    """)
+    assert done.stdout.strip() == "True", done.stderr
