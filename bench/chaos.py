@@ -209,7 +209,7 @@ def one_kill(run: Run, output_dir: str, rng: random.Random, name: str, in_save: 
     deadline = time.monotonic() + (30 if in_save else rng.uniform(0.0, 1.0))
     while run.process.poll() is None and time.monotonic() < deadline:
         if in_save and saving(output_dir):
-            time.sleep(rng.uniform(0.0, 0.2))
+            time.sleep(rng.uniform(0.0, 0.1))  # within the save, which the delay holds open for longer
             break
         time.sleep(0.005)
     if run.process.poll() is not None:
