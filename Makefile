@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo distill-demo lora-demo app test test-slow install clean
+.PHONY: demo distill-demo lora-demo app test test-slow lint install clean
 
 install: $(INSTALLED)
 
@@ -20,7 +20,7 @@ $(INSTALLED): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[test,onnx]" -c constraints.txt
+	$(PY) -m pip install --quiet -e ".[test,onnx,lint]" -c constraints.txt
 	$(PY) -m pip install --quiet --no-deps invisible-watermark gradio -c constraints.txt
 	$(PY) -c "$$GRADIO_REQUIREMENTS" > $(VENV)/gradio-requirements.txt
 	$(PY) -m pip install --quiet -r $(VENV)/gradio-requirements.txt -c constraints.txt
@@ -49,6 +49,12 @@ test: $(INSTALLED) $(CHROMEDRIVER)
 
 test-slow: $(INSTALLED) $(CHROMEDRIVER)
 	$(PY) -m pytest -m slow -q
+
+# ruff (pycodestyle, pyflakes, import order), then import-linter: the stages of docs/architecture.md
+# import only from the stages below them, trainers do not import each other, and no package has a cycle.
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 # The whole system on the built-in OpenMoji at 32 px: VAE, then UNet with a from-scratch text side,
 # then a grid of samples (samples/demo.png) for prompts taken from the training captions. ldm/demo.py

@@ -4,13 +4,14 @@
         --output_dir outputs/lcm-demo
 
 --output_dir ends up a pipeline folder (an LCMScheduler and a UNet with a guidance input) that
-generate.py, LatentDiffusionPipeline and diffusers' own pipelines load. See ldm/distill.py.
+generate.py, LatentDiffusionPipeline and diffusers' own pipelines load. See ldm/training/distill.py.
 """
 
 from __future__ import annotations
 
-from ldm.config import DistillConfig, parse_config, run_script
-from ldm.distill import distill
+from ldm.config import parse_config, run_script
+from ldm.training.distill import distill
+from ldm.training.distill_config import DistillConfig
 
 
 def main(argv: list[str] | None = None) -> dict:

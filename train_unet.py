@@ -3,15 +3,16 @@
     accelerate launch train_unet.py --config configs/unet/demo.yaml [--flag value ...]
 
 --output_dir ends up a LatentDiffusionPipeline folder (model_index.json at its root) that
-generate.py loads. See ldm/unet_training.py for the loop and ldm/diffusion.py for the objective.
+generate.py loads. See ldm/training/unet.py for the loop and ldm/diffusion/objective.py for the objective.
 """
 
 from __future__ import annotations
 
 import logging
 
-from ldm.config import UNetConfig, parse_config, run_script
-from ldm.unet_training import train
+from ldm.config import parse_config, run_script
+from ldm.training.unet import train
+from ldm.training.unet_config import UNetConfig
 
 
 def main(argv: list[str] | None = None) -> dict:

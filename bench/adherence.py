@@ -23,10 +23,11 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ldm.config import RUN_CONFIG, UNetConfig, parse_config  # noqa: E402
-from ldm.data import ImageCaptionDataset, load_splits  # noqa: E402
-from ldm.pipeline import LatentDiffusionPipeline  # noqa: E402
-from ldm.training import complete_checkpoints  # noqa: E402
+from ldm.config import RUN_CONFIG, parse_config  # noqa: E402
+from ldm.data.dataset import ImageCaptionDataset, load_splits  # noqa: E402
+from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline  # noqa: E402
+from ldm.training.checkpoints import complete_checkpoints  # noqa: E402
+from ldm.training.unet_config import UNetConfig  # noqa: E402
 
 PROBE_CAPTIONS = 1000  # see the docstring: the standard error is 1.6 points, not 5
 
@@ -79,7 +80,8 @@ class Probe:
         self.pipeline = LatentDiffusionPipeline.from_pretrained(run)
         self.pipeline.set_progress_bar_config(disable=True)
 
-    def score(self, guidance: float, pipeline: LatentDiffusionPipeline | None = None, steps: int | None = None) -> float:
+    def score(self, guidance: float, pipeline: LatentDiffusionPipeline | None = None,
+              steps: int | None = None) -> float:
         """Adherence@5 of the run's pipeline, or of another `pipeline` drawing the same images."""
         images = draw(pipeline or self.pipeline, self.prompts, guidance, steps or self.steps, self.config.resolution)
         return adherence_at_5(images, self.chosen, self.references)

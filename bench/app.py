@@ -23,7 +23,9 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 
-from ldm.generate import draw, image_jobs, in_batches, parse_args, prepare  # noqa: E402
+from ldm.generation.config import parse_args  # noqa: E402
+from ldm.generation.loading import prepare  # noqa: E402
+from ldm.generation.output import draw, image_jobs, in_batches  # noqa: E402
 from tests.browser import app_server, chromium, generate, type_into, wait_for  # noqa: E402
 
 PROMPTS = ["red heart", "Santa Claus", "grinning face", "rocket"]

@@ -36,8 +36,8 @@ import pyarrow as pa  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from ldm.caches import latent_layout, text_layout  # noqa: E402
-from ldm.chunks import CacheLayout, ChunkedCache, chunk_file, write_chunk, write_manifest  # noqa: E402
+from ldm.data.caches import latent_layout, text_layout  # noqa: E402
+from ldm.data.chunks import CacheLayout, ChunkedCache, chunk_file, write_chunk, write_manifest  # noqa: E402
 
 LATENT = (1, 4, 8, 8)  # the demo's: 32 px through an f = 4 VAE
 TEXT = (24, 128)  # the demo's tokenizer context and text encoder width
@@ -94,9 +94,9 @@ def open_and_train(latent_folder: str, text_folder: str, steps: int) -> dict:
     from accelerate import Accelerator
     from diffusers import UNet2DConditionModel
 
-    from ldm.caches import CachedRows
-    from ldm.chunks import ChunkShuffle, as_batch
-    from ldm.models import read_architecture
+    from ldm.data.caches import CachedRows
+    from ldm.data.chunks import ChunkShuffle, as_batch
+    from ldm.models.architecture import read_architecture
 
     torch.set_num_threads(1)
     latents, texts = ChunkedCache(latent_folder), ChunkedCache(text_folder)
@@ -177,10 +177,10 @@ import json, os, sys, time
 import torch
 from accelerate import Accelerator
 from diffusers import AutoencoderKL
-from ldm.caches import load_or_build_latents
-from ldm.config import DataConfig
-from ldm.data import ImageCaptionDataset, load_splits
-from ldm.models import read_architecture
+from ldm.data.caches import load_or_build_latents
+from ldm.data.config import DataConfig
+from ldm.data.dataset import ImageCaptionDataset, load_splits
+from ldm.models.architecture import read_architecture
 
 accelerator = Accelerator()
 vae_path, root = sys.argv[1], sys.argv[2]

@@ -35,7 +35,7 @@ from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from ldm.training import CHECKPOINT, PARTIAL_SUFFIX, SAVE_DELAY_VARIABLE, damage, newest_intact  # noqa: E402
+from ldm.training.checkpoints import CHECKPOINT, PARTIAL_SUFFIX, SAVE_DELAY_VARIABLE, damage, newest_intact  # noqa: E402
 from tests.conftest import TINY_TEXT_ENCODER, TINY_UNET, TINY_VAE  # noqa: E402 (the test suite's tiny models)
 
 STEPS, CHECKPOINTING_STEPS = 40, 4

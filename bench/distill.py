@@ -24,8 +24,8 @@ from adherence import Probe  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ldm.config import RUN_CONFIG  # noqa: E402
-from ldm.hub import read_distillation  # noqa: E402
-from ldm.pipeline import LatentDiffusionPipeline  # noqa: E402
+from ldm.hub.files import read_distillation  # noqa: E402
+from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline  # noqa: E402
 
 GUIDANCE = 5.0
 

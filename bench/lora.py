@@ -4,10 +4,12 @@
     .venv/bin/python bench/lora.py [--minutes 2] [--base outputs/unet-demo] [--data outputs/lora-data] [--unet_only]
 
 Needs `make demo` (the base) and the concept's data (`python -m ldm.lora_demo` writes it; so does
-this script when it is missing): the styled images and, as the prior, the same emoji as they are. Full fine-tuning trains the UNet (a pipeline's
+this script when it is missing): the styled images and, as the prior, the same emoji as they are.
+Full fine-tuning trains the UNet (a pipeline's
 text encoder stays frozen in train_unet.py); the adapters sit on the UNet and on the text encoder,
 as in `make lora-demo`: the text encoder learns what the new word means, so the UNet need not change
-what it draws for every other prompt (`--unet_only` leaves the text encoder's out, to show that). Every variant trains on the same data, batch, schedule and
+what it draws for every other prompt (`--unet_only` leaves the text encoder's out, to show that).
+Every variant trains on the same data, batch, schedule and
 precision, through train_unet.py in its own process (learning rate 2e-4 for full fine-tuning, 1e-3
 for the adapters, each the usual order for its kind):
 a 50-step probe measures its images/s, then it trains for the steps that fit in --minutes. Per
@@ -44,9 +46,9 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 from adherence import Probe, adherence_at_5, draw  # noqa: E402
 
-from ldm.hub import LORA_WEIGHTS  # noqa: E402
+from ldm.hub.files import LORA_WEIGHTS  # noqa: E402
 from ldm.lora_demo import STYLE_WORD, write_concept  # noqa: E402
-from ldm.pipeline import LatentDiffusionPipeline  # noqa: E402
+from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline  # noqa: E402
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj"]  # configs/unet/lora_demo.yaml's
 VARIANTS = {  # name → flags beyond the common ones

@@ -30,8 +30,8 @@ import torch  # noqa: E402
 from bench.adherence import Probe  # noqa: E402
 from bench.pipeline import timed_call  # noqa: E402
 from ldm.export import UNET_WEIGHTS, export_onnx, folder_megabytes  # noqa: E402
-from ldm.onnx_pipeline import OnnxLatentDiffusionPipeline  # noqa: E402
-from ldm.pipeline import LatentDiffusionPipeline  # noqa: E402
+from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline  # noqa: E402
+from ldm.pipelines.onnx_pipeline import OnnxLatentDiffusionPipeline  # noqa: E402
 
 
 def model_megabytes(run: str) -> float:
@@ -164,7 +164,8 @@ def main(argv=None) -> None:
               f"{difference.mean():.4f} / {difference.max():.4f} | {adherence} |")
     int8_vs_fp32 = (runs["ONNX Runtime INT8"][0][2] - runs["ONNX Runtime fp32"][0][2]).abs()
     print(f"\nINT8 against ONNX Runtime fp32: mean abs pixel difference {int8_vs_fp32.mean():.4f} (pixels in [0, 1])"
-          + ("" if not args.count else f"; adherence@5 {scores['ONNX Runtime INT8'] - scores['ONNX Runtime fp32']:+.0%}"))
+          + ("" if not args.count
+             else f"; adherence@5 {scores['ONNX Runtime INT8'] - scores['ONNX Runtime fp32']:+.0%}"))
     print(f"\n| ONNX UNet, one guided forward (batch {2 * args.batch}) | ms | time ÷ fp32 | MB |")
     print("|---|---:|---:|---:|")
     for label, seconds in unet_times.items():

@@ -23,9 +23,9 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionMod
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextModel
 
-from ldm.pipeline import LatentDiffusionPipeline
-from ldm.schedulers import make_scheduler
-from ldm.text import text_encoder_config, train_tokenizer
+from ldm.diffusion.schedulers import make_scheduler
+from ldm.models.text import text_encoder_config, train_tokenizer
+from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
 
 UNET = dict(  # 5.9M parameters, cross-attention at the two higher resolutions
     sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128, 128),

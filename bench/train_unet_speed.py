@@ -28,8 +28,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_unet  # noqa: E402
-from ldm.config import UNetConfig, parse_config  # noqa: E402
+from ldm.config import parse_config  # noqa: E402
 from ldm.demo import matmul_gflops  # noqa: E402
+from ldm.training.unet_config import UNetConfig  # noqa: E402
 
 
 def unet_step_flops(config: UNetConfig, latent_shape: tuple, tokens: int, hidden: int) -> float:
@@ -103,7 +104,8 @@ def main() -> None:
     print(f"| diffusers-style: VAE + text encoder every batch | {plain_rate:.1f} | "
           f"{', '.join(f'{r:.1f}' for r in rates[False])} |")
     print(f"\nspeed-up: {cached_rate / plain_rate:.2f}x")
-    print(f"UNet forward+backward: {flops / 1e9:.1f} GFLOP at batch {config.train_batch_size} -> {achieved:.1f} GFLOP/s "
+    print(f"UNet forward+backward: {flops / 1e9:.1f} GFLOP at batch {config.train_batch_size} -> "
+          f"{achieved:.1f} GFLOP/s "
           f"achieved; matmul {fp32:.0f} GFLOP/s fp32, {bf16:.0f} GFLOP/s bf16 "
           f"({100 * achieved / fp32:.0f}% of fp32 matmul; end to end, so optimizer, EMA and data are in the time)")
 

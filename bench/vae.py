@@ -22,7 +22,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_vae  # noqa: E402
-from ldm.config import VAEConfig, parse_config  # noqa: E402
+from ldm.config import parse_config  # noqa: E402
+from ldm.training.vae_config import VAEConfig  # noqa: E402
 
 DEFAULTS = ["--config", "configs/vae/demo.yaml", "--output_dir", "outputs/bench-vae", "--report_to", "tensorboard"]
 

@@ -5,7 +5,7 @@ PNG and as JPEG, and how often it is "found" in the same images unmarked.
         [--steps 20]
 
 The images (the demo prompts in turn, image i from seed i) are generated once, decoded, and then kept
-three ways: unmarked; marked by ldm.watermark.apply_watermark, the step between decode and
+three ways: unmarked; marked by ldm.pipelines.watermark.apply_watermark, the step between decode and
 postprocessing that the pipeline runs for `watermark=True` (called here directly, so that each marked
 image has its unmarked twin); and marked by diffusers' StableDiffusionXLWatermarker (through
 imwatermark), for comparison. Each is saved as PNG and as JPEG at quality 90, with Pillow's default
@@ -32,8 +32,8 @@ from imwatermark import WatermarkDecoder
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ldm.pipeline import LatentDiffusionPipeline  # noqa: E402
-from ldm.watermark import MATCH_THRESHOLD, MESSAGE, apply_watermark, matched_bits  # noqa: E402
+from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline  # noqa: E402
+from ldm.pipelines.watermark import MATCH_THRESHOLD, MESSAGE, apply_watermark, matched_bits  # noqa: E402
 
 PROMPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo_prompts.txt")
 SAVED_AS = {"PNG": dict(format="PNG"),

@@ -2,7 +2,7 @@
 
 Each request is settled, checked and drawn by generate.py's own functions (settle, check_config,
 draw), batched as generate.py batches, so a seed gives the same PNG, pixels and text chunk, in the
-page as on the command line. The form shows the options ldm/options.py says the model takes.
+page as on the command line. The form shows the options ldm/generation/options.py says the model takes.
 Requests wait in Gradio's queue and run one at a time: on a CPU two at once would only share
 the cores and both finish later.
 """
@@ -29,13 +29,14 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: E402
 from PIL import Image  # noqa: E402
 from transformers import HfArgumentParser  # noqa: E402
 
-from ldm.generate import (GenerateConfig, _log_to_stderr, check_config, configure, draw, image_jobs,  # noqa: E402
-                          in_batches, load_model, read_prompts, settle)
-from ldm.hub import read_distillation  # noqa: E402
-from ldm.options import (ModelKind, applicable_options, left_out, model_kind, option_help,  # noqa: E402
-                         samplers_for)
-from ldm.pipeline import LatentDiffusionPipeline  # noqa: E402
-from ldm.schedulers import scheduler_name  # noqa: E402
+from ldm.diffusion.schedulers import scheduler_name  # noqa: E402
+from ldm.generate import _log_to_stderr  # noqa: E402
+from ldm.generation.config import GenerateConfig, check_config, read_prompts  # noqa: E402
+from ldm.generation.loading import configure, load_model, settle  # noqa: E402
+from ldm.generation.options import ModelKind, applicable_options, left_out, model_kind, option_help, samplers_for  # noqa: E402
+from ldm.generation.output import draw, image_jobs, in_batches  # noqa: E402
+from ldm.hub.files import read_distillation  # noqa: E402
+from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline  # noqa: E402
 
 # What generate.py does that a page of prompts does not: edits and files of prompts.
 NOT_SERVED = ("prompts_file", "init_image", "mask_image", "strength", "padding_mask_crop", "output_dir")

@@ -9,11 +9,11 @@ folder or a Hub id) as ONNX files for ONNX Runtime, in the folder layout diffuse
     vae_decoder/model.onnx     latent_sample (unscaled) → sample
     tokenizer/, scheduler/     as saved by the PyTorch pipeline
 
-Each model folder also keeps the PyTorch model's `config.json`, which ldm/onnx_pipeline.py reads for
+Each model folder also keeps the PyTorch model's `config.json`, which ldm/pipelines/onnx_pipeline.py reads for
 what the graphs do not say (the latent scaling factor, the VAE factor, the UNet's channels and native
 size), and `onnx_export.json` records what made the export. Batch and spatial sizes are dynamic;
 tracing fixes the text context at the tokenizer's length and the UNet's upsampling branch, so latent
-sides must be multiples of 2^(number of upsamplers) (ldm/onnx_pipeline.py checks this).
+sides must be multiples of 2^(number of upsamplers) (ldm/pipelines/onnx_pipeline.py checks this).
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ import warnings
 import diffusers
 import torch
 
-from ldm.generate import load_pipeline
-from ldm.hub import DISTILLATION, read_distillation
-from ldm.onnx_pipeline import MANIFEST
-from ldm.pipeline import LatentDiffusionPipeline
+from ldm.generation.loading import load_pipeline
+from ldm.hub.files import DISTILLATION, read_distillation
+from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
+from ldm.pipelines.onnx_pipeline import MANIFEST
 
 OPSETS = range(14, 21)  # 14: the first with the attention ops traced here; 20: the TorchScript exporter's last
 QUANTIZATIONS = ("int8",)

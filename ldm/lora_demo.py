@@ -6,7 +6,8 @@ The style is colour inversion, asked for by a word no caption has: "inverted". O
 training emoji (454), inverted and captioned "<caption> inverted", and the same emoji as they are,
 under their own captions, make an imagefolder (outputs/lora-data). The plain half is the prior
 (DreamBooth's prior preservation, arXiv 2208.12242): every caption without the word shows the emoji
-unchanged, so that the adapter ties the inversion to the word. train_unet.py trains a rank-16 adapter on the `make demo` model's UNet and
+unchanged, so that the adapter ties the inversion to the word. train_unet.py trains a rank-16 adapter on
+the `make demo` model's UNet and
 text encoder (configs/unet/lora_demo.yaml); then the demo prompts, each with "inverted", are drawn
 by the model without the adapter and with it, side by side in samples/lora-demo.png. Most of those
 prompts name emoji outside the eighth, so the grid shows the style carried over to emoji it was not
@@ -22,8 +23,8 @@ import sys
 
 from PIL import Image, ImageOps
 
+from ldm.data.openmoji import load_openmoji
 from ldm.demo import UNET_DIR, run_timed
-from ldm.openmoji import load_openmoji
 
 DATA_DIR = "outputs/lora-data"
 LORA_DIR = "outputs/lora-demo"

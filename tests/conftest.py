@@ -16,7 +16,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel
 
-from ldm.text import text_encoder_config, train_tokenizer
+from ldm.models.text import text_encoder_config, train_tokenizer
+
 
 def run_in_two_processes(port_offset: int, script: str, *args: str) -> subprocess.CompletedProcess:
     """Run a trainer script from the repository root in two CPU processes, offline, one thread each."""
@@ -104,7 +105,7 @@ def isolated_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def openmoji_32(isolated_cache):
-    from ldm.openmoji import load_openmoji
+    from ldm.data.openmoji import load_openmoji
 
     return load_openmoji(32)
 

@@ -26,7 +26,7 @@ def draw(model: str, revision: str, output: str) -> None:
     import numpy as np
     import torch
 
-    from ldm.pipeline import LatentDiffusionPipeline
+    from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
 
     pipe = LatentDiffusionPipeline.from_pretrained(model, revision=revision)
     pipe.set_progress_bar_config(disable=True)
@@ -45,10 +45,11 @@ def generate(*argv: str) -> list:
 
 
 def load_for_training(vae_id: str, pipeline_id: str, output_dir: str) -> None:
-    from ldm.config import UNetConfig, VAEConfig
-    from ldm.models import load_vae, vae_architecture
-    from ldm.unet_training import load_frozen_vae, load_unet
-    from ldm.text import load_text_components
+    from ldm.models.text import load_text_components
+    from ldm.training.unet import load_frozen_vae, load_unet
+    from ldm.training.unet_config import UNetConfig
+    from ldm.training.vae import load_vae, vae_architecture
+    from ldm.training.vae_config import VAEConfig
 
     vae_config = VAEConfig(pretrained_vae_model_name_or_path=vae_id)
     load_vae(vae_config, vae_architecture(vae_config)).save_pretrained(os.path.join(output_dir, "train_vae"))

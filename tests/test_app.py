@@ -7,10 +7,10 @@ import runpy
 import shutil
 import subprocess
 import sys
-import tomllib
 
 import numpy as np
 import pytest
+import tomllib
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, LCMScheduler, UNet2DConditionModel
 from packaging.requirements import Requirement
@@ -20,14 +20,24 @@ from selenium.webdriver.common.by import By
 from transformers import CLIPTextModel
 
 from ldm.app import build, caption, draw_request, in_page, parse_args, request_config, serve
-from ldm.consistency import student_from
+from ldm.diffusion.consistency import student_from
 from ldm.export import export_onnx
 from ldm.generate import main as generate_main
-from ldm.options import ModelKind, applicable_options, left_out, samplers_for
-from ldm.pipeline import LatentDiffusionPipeline
-from ldm.text import text_encoder_config
-from tests.browser import (ROOT, app_server, captions, chromium, download_first_image, error_messages, generate,
-                           requested_urls, type_into, wait_for)
+from ldm.generation.options import ModelKind, applicable_options, left_out, samplers_for
+from ldm.models.text import text_encoder_config
+from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
+from tests.browser import (
+    ROOT,
+    app_server,
+    captions,
+    chromium,
+    download_first_image,
+    error_messages,
+    generate,
+    requested_urls,
+    type_into,
+    wait_for,
+)
 from tests.conftest import TINY_TEXT_ENCODER, TINY_UNET, TINY_VAE
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -35,7 +45,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 def save_tiny_pipeline(folder, tokenizer, distilled: bool = False) -> str:
     """The conftest's tiny components as a saved pipeline; `distilled`: an LCM student of it, as
-    ldm/distill.py saves one (guidance input, LCMScheduler, distillation.json)."""
+    ldm/training/distill.py saves one (guidance input, LCMScheduler, distillation.json)."""
     torch.manual_seed(0)
     text_encoder = CLIPTextModel(text_encoder_config(tokenizer, **TINY_TEXT_ENCODER)).eval()
     vae, unet = AutoencoderKL.from_config(TINY_VAE), UNet2DConditionModel.from_config(TINY_UNET)

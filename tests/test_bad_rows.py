@@ -5,7 +5,6 @@ metadata.jsonl on disk, read by both trainers and the cache build; none may end 
 
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -13,13 +12,14 @@ from PIL import Image
 
 import train_unet
 import train_vae
+
 # chaos as a module of bench/, not with bench/ first on sys.path: there, bench/onnx.py would shadow the
 # onnx package that torch.onnx.export imports (and test_onnx.py's exports fail).
 from bench import chaos
 from ldm.config import ConfigError
-from ldm.data import caption_list
-from tests.test_training import fresh_accelerator_state  # noqa: F401 (autouse fixture)
+from ldm.data.captions import caption_list
 from tests.test_train_vae import tiny_vae_json  # noqa: F401 (a fixture)
+from tests.test_training import fresh_accelerator_state  # noqa: F401 (autouse fixture)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

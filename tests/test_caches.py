@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from ldm.caches import CachedRows, load_or_build_latents, load_or_build_texts
-from ldm.chunks import MANIFEST, ChunkShuffle, chunk_file
-from ldm.config import DataConfig
-from ldm.data import ImageCaptionDataset, load_splits, row_random
-from ldm.text import tokenize
+from ldm.data.caches import CachedRows, load_or_build_latents, load_or_build_texts
+from ldm.data.captions import tokenize
+from ldm.data.chunks import MANIFEST, ChunkShuffle, chunk_file
+from ldm.data.config import DataConfig
+from ldm.data.dataset import ImageCaptionDataset, load_splits, row_random
 from tests.conftest import two_processes
 from tests.test_data import save_broken, save_modes, write_metadata
 
@@ -284,11 +284,11 @@ import torch
 from accelerate import Accelerator
 from diffusers import AutoencoderKL
 from transformers import CLIPTextModel, CLIPTokenizer
-import ldm.caches as caches
-from ldm.config import DataConfig
-from ldm.data import ImageCaptionDataset, load_splits
-from ldm.text import text_encoder_config
-from ldm.training import finish_training
+import ldm.data.caches as caches
+from ldm.data.config import DataConfig
+from ldm.data.dataset import ImageCaptionDataset, load_splits
+from ldm.models.text import text_encoder_config
+from ldm.training.loop import finish_training
 from tests.conftest import TINY_TEXT_ENCODER, TINY_VAE
 
 root, mode = sys.argv[1], sys.argv[2:]

@@ -1,7 +1,8 @@
 import pytest
 import yaml
 
-from ldm.config import ConfigError, TrainConfig, parse_config, require_divisible, save_config
+from ldm.config import ConfigError, parse_config, require_divisible, save_config
+from ldm.training.config import TrainConfig
 
 
 def write_yaml(path, values):
@@ -95,7 +96,7 @@ def test_yaml_float_without_a_dot_is_read_as_a_float(tmp_path):
 
 
 def test_a_pretrained_text_encoder_cannot_be_trained_jointly():
-    from ldm.config import UNetConfig
+    from ldm.training.unet_config import UNetConfig
 
     with pytest.raises(ConfigError, match="train_text_encoder = True is invalid; expected false with a pretrained"):
         parse_config(UNetConfig, ["--train_text_encoder", "--text_encoder_name_or_path", "some/clip"])

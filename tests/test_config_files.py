@@ -4,13 +4,13 @@ import glob
 import json
 
 import pytest
-from accelerate.commands.config.config_args import ClusterConfig
 from accelerate import init_empty_weights
+from accelerate.commands.config.config_args import ClusterConfig
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from ldm.config import UNetConfig, parse_config
-from ldm.models import read_architecture, vae_scale_factor
-
+from ldm.config import parse_config
+from ldm.models.architecture import read_architecture, vae_scale_factor
+from ldm.training.unet_config import UNetConfig
 
 CLIP_VIT_L_HIDDEN_SIZE = 768  # openai/clip-vit-large-patch14's text states, as in Stable Diffusion 1.x
 # The GPU configs' UNets, with the parameter counts the README gives. A fine-tuning config names a Hub

@@ -1,12 +1,12 @@
-"""ldm/consistency.py against what diffusers computes: the guidance embedding, the boundary scalings,
+"""ldm/diffusion/consistency.py against what diffusers computes: the guidance embedding, the boundary scalings,
 the DDIM solver step; and the zero-initialised student."""
 
 import pytest
 import torch
 from diffusers import DDIMScheduler, LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline
 
-from ldm import diffusion
-from ldm.consistency import DDIMSolver, boundary_scalings, clean_and_noise, guidance_embedding, student_from
+from ldm.diffusion import objective
+from ldm.diffusion.consistency import DDIMSolver, boundary_scalings, clean_and_noise, guidance_embedding, student_from
 
 
 @pytest.mark.parametrize("dim", [32, 33])
@@ -46,7 +46,7 @@ def test_the_boundary_scalings_make_the_identity_at_zero_and_match_lcm_scheduler
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_a_solver_step_is_ddim_scheduler_step(prediction_type):
-    teacher_schedule = diffusion.noise_scheduler(prediction_type)
+    teacher_schedule = objective.noise_scheduler(prediction_type)
     solver = DDIMSolver(teacher_schedule.alphas_cumprod, num_ddim_timesteps=50)
     assert solver.timesteps[0].item() == 19 and solver.timesteps[-1].item() == 999
     ddim = DDIMScheduler.from_config(teacher_schedule.config, set_alpha_to_one=False)
@@ -62,7 +62,7 @@ def test_a_solver_step_is_ddim_scheduler_step(prediction_type):
 
 
 def test_the_solver_draws_grid_points_and_the_points_one_step_below():
-    solver = DDIMSolver(diffusion.noise_scheduler("epsilon").alphas_cumprod, num_ddim_timesteps=25)
+    solver = DDIMSolver(objective.noise_scheduler("epsilon").alphas_cumprod, num_ddim_timesteps=25)
     start, end = solver.draw(1000, torch.Generator().manual_seed(0), "cpu")
     assert set(start.tolist()) == set(solver.timesteps.tolist())
     assert torch.equal(end, (start - 40).clamp(min=0))

@@ -7,9 +7,17 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.config import ConfigError, DataConfig
-from ldm.data import (ImageCaptionDataset, ImageTransform, SkipCounter, dataloader, load_splits, open_rgb,
-                      row_random)
+from ldm.config import ConfigError
+from ldm.data.config import DataConfig
+from ldm.data.dataset import (
+    ImageCaptionDataset,
+    ImageTransform,
+    SkipCounter,
+    dataloader,
+    load_splits,
+    open_rgb,
+    row_random,
+)
 
 
 def save_modes(folder):
@@ -79,9 +87,9 @@ def test_imagefolder_with_every_mode_and_broken_files(tmp_path, fmt):
 def test_hub_style_dataset_repository(tmp_path):
     """A dataset id resolves through datasets.load_dataset, here on a local repository folder."""
     images = [Image.new("RGB", (12, 12), (i * 40, 0, 0)) for i in range(5)]
+    features = datasets.Features({"img": datasets.Image(), "caption": datasets.Sequence(datasets.Value("string"))})
     table = datasets.Dataset.from_dict({"img": images, "caption": [[f"red {i}", f"crimson {i}"] for i in range(5)]},
-                                       features=datasets.Features({"img": datasets.Image(),
-                                                                   "caption": datasets.Sequence(datasets.Value("string"))}))
+                                       features=features)
     (tmp_path / "repo" / "data").mkdir(parents=True)
     table.to_parquet(str(tmp_path / "repo" / "data" / "train-00000-of-00001.parquet"))
     config = DataConfig(dataset_name=str(tmp_path / "repo"), image_column="img", caption_column="caption",
@@ -97,7 +105,8 @@ def test_hub_style_dataset_repository(tmp_path):
 def test_missing_columns_list_the_real_ones(tmp_path):
     save_modes(tmp_path)
     write_metadata(tmp_path, ["grey.png", "palette.png"])
-    with pytest.raises(ConfigError, match="caption_column 'prompt' is not in the dataset; its columns are: image, text"):
+    message = "caption_column 'prompt' is not in the dataset; its columns are: image, text"
+    with pytest.raises(ConfigError, match=message):
         load_splits(DataConfig(train_data_dir=str(tmp_path), caption_column="prompt"))
     with pytest.raises(ConfigError, match="image_column 'pixels'"):
         load_splits(DataConfig(train_data_dir=str(tmp_path), image_column="pixels"))

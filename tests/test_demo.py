@@ -16,9 +16,11 @@ import yaml
 from PIL import Image
 
 from ldm import demo, lora_demo
-from ldm.config import UNetConfig, VAEConfig, parse_config
-from ldm.generate import parse_args, read_prompts
-from ldm.openmoji import load_openmoji
+from ldm.config import parse_config
+from ldm.data.openmoji import load_openmoji
+from ldm.generation.config import parse_args, read_prompts
+from ldm.training.unet_config import UNetConfig
+from ldm.training.vae_config import VAEConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

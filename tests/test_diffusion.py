@@ -1,8 +1,16 @@
 import pytest
 import torch
 
-from ldm.diffusion import (drop_conditioning, loss_by_timestep_bin, min_snr_weights, noise_scheduler, noised,
-                           sample_noise, snr, target)
+from ldm.diffusion.objective import (
+    drop_conditioning,
+    loss_by_timestep_bin,
+    min_snr_weights,
+    noise_scheduler,
+    noised,
+    sample_noise,
+    snr,
+    target,
+)
 
 GAMMA = 5.0
 
@@ -88,7 +96,7 @@ def test_loss_by_timestep_bin():
     {"scaling_factor": 0.5, "latents_mean": [0.1, -0.2, 0.0, 0.3], "latents_std": [1.0, 2.0, 0.5, 1.5]},
 ])
 def test_latent_normalisation_round_trips(vae_config):
-    from ldm.diffusion import denormalise_latents, normalise_latents
+    from ldm.diffusion.objective import denormalise_latents, normalise_latents
 
     z = torch.randn(2, 4, 3, 3)
     normalised = normalise_latents(z, vae_config)

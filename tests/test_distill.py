@@ -16,10 +16,11 @@ from safetensors.torch import load_file
 import distill
 import train_unet
 from ldm import generate
-from ldm.config import ConfigError, DistillConfig, parse_config
-from ldm.distill import trailing_timesteps, two_step_target
-from ldm.hub import model_card
-from ldm.pipeline import LatentDiffusionPipeline
+from ldm.config import ConfigError, parse_config
+from ldm.hub.card import model_card
+from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
+from ldm.training.distill import trailing_timesteps, two_step_target
+from ldm.training.distill_config import DistillConfig
 from tests.conftest import run_in_two_processes
 from tests.test_train_unet import ROOT, fresh_accelerator_state  # noqa: F401 (an autouse fixture)
 from tests.test_train_unet import argv as unet_argv

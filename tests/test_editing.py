@@ -7,7 +7,7 @@ import torch
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
 from PIL import Image
 
-from ldm.pipeline import LatentDiffusionPipeline
+from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
 from tests.test_pipeline import NEGATIVES, PROMPTS, both_pipelines, sd_v1_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")

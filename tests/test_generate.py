@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 
 import generate
-from ldm.generate import parse_args, prepare, resolve_device
-from ldm.pipeline import LatentDiffusionPipeline
+from ldm.generation.config import parse_args
+from ldm.generation.loading import prepare, resolve_device
+from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
 from tests.conftest import two_processes
 from tests.test_editing import picture, square_mask
 

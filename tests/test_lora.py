@@ -1,4 +1,4 @@
-"""LoRA fine-tuning end to end on tiny models (ldm/lora.py): train_unet.py --lora_rank on a saved tiny
+"""LoRA fine-tuning end to end on tiny models (ldm/models/lora.py): train_unet.py --lora_rank on a saved tiny
 pipeline, its adapter-only checkpoints and exact resume, the adapter file in our pipeline and in
 diffusers' StableDiffusionPipeline, fusing, generate.py --lora, the bad settings, and two processes."""
 
@@ -18,10 +18,10 @@ from transformers import CLIPTextModel
 import generate
 import train_unet
 from ldm.config import ConfigError
-from ldm.hub import LORA_WEIGHTS
-from ldm.lora import check_targets
-from ldm.pipeline import LatentDiffusionPipeline
-from ldm.text import text_encoder_config
+from ldm.hub.files import LORA_WEIGHTS
+from ldm.models.lora import check_targets
+from ldm.models.text import text_encoder_config
+from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
 from tests.conftest import TINY_TEXT_ENCODER, TINY_UNET, TINY_VAE, run_in_two_processes
 
 pytestmark = pytest.mark.usefixtures("single_thread")

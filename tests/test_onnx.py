@@ -1,4 +1,4 @@
-"""ONNX export (ldm/export.py) and the ONNX Runtime pipeline (ldm/onnx_pipeline.py) on a tiny model
+"""ONNX export (ldm/export.py) and the ONNX Runtime pipeline (ldm/pipelines/onnx_pipeline.py) on a tiny model
 shaped like the demo's: three down blocks without attention, cross-attention in the middle block,
 the text attention-pooled into the timestep embedding, and a VAE of factor 4."""
 
@@ -20,9 +20,9 @@ from transformers import CLIPTextModel
 import generate
 from ldm.export import export_onnx
 from ldm.export import main as export_main
-from ldm.onnx_pipeline import OnnxLatentDiffusionPipeline
-from ldm.pipeline import LatentDiffusionPipeline
-from ldm.text import text_encoder_config
+from ldm.models.text import text_encoder_config
+from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
+from ldm.pipelines.onnx_pipeline import OnnxLatentDiffusionPipeline
 from tests.conftest import TINY_TEXT_ENCODER
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -86,7 +86,8 @@ def test_a_seed_draws_the_pytorch_pipelines_image(torch_dir, onnx_dir, sampler):
 
 def test_other_sizes_and_batches_run_and_unsupported_sizes_fail_first(torch_dir, onnx_dir):
     options = dict(num_inference_steps=3, guidance_scale=5.0, height=48, width=16, output_type="np")
-    torch_pipe, onnx_pipe = LatentDiffusionPipeline.from_pretrained(torch_dir), OnnxLatentDiffusionPipeline.from_pretrained(onnx_dir)
+    torch_pipe = LatentDiffusionPipeline.from_pretrained(torch_dir)
+    onnx_pipe = OnnxLatentDiffusionPipeline.from_pretrained(onnx_dir)
     expected = torch_pipe("cat face", generator=torch.Generator().manual_seed(3), **options).images
     drawn = onnx_pipe("cat face", generator=torch.Generator().manual_seed(3), **options).images
     assert drawn.shape == (1, 48, 16, 3) and np.abs(drawn - expected).max() <= 1e-3

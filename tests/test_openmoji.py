@@ -2,7 +2,7 @@ import os
 
 import numpy as np
 
-from ldm.openmoji import cache_key, is_validation, load_openmoji
+from ldm.data.openmoji import cache_key, is_validation, load_openmoji
 
 
 def test_size_split_and_captions(openmoji_32):

@@ -7,9 +7,10 @@ import torch
 from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline
 from PIL import Image
 
-from ldm.consistency import student_from
-from ldm.pipeline import LatentDiffusionPipeline, rescale_guidance
-from ldm.schedulers import SCHEDULERS, make_scheduler
+from ldm.diffusion.consistency import student_from
+from ldm.diffusion.schedulers import SCHEDULERS, make_scheduler
+from ldm.pipelines.guidance import rescale_guidance
+from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -228,11 +229,11 @@ def test_callback_on_step_end_sees_each_step_and_can_replace_the_latents(pipe):
 
 def test_a_prompt_longer_than_the_context_is_truncated_with_a_warning(pipe, caplog):
     long_prompt = " ".join(["red heart"] * 60)
-    with caplog.at_level(logging.WARNING, logger="ldm.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="ldm.pipelines.latent_diffusion"):
         images = draw(pipe, prompt=long_prompt)
     assert images.shape == (1, 16, 16, 3)
     assert "longer than the text encoder's 77" in caplog.text
-    with caplog.at_level(logging.WARNING, logger="ldm.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="ldm.pipelines.latent_diffusion"):
         caplog.clear()
         draw(pipe, prompt="red heart")
     assert caplog.text == ""

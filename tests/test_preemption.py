@@ -1,4 +1,4 @@
-"""Stopping on a signal (ldm/preemption.py), checkpoints checked before a resume (ldm/training.py),
+"""Stopping on a signal (ldm/training/preemption.py), checkpoints checked before a resume (ldm/training/loop.py),
 and the chaos harness of bench/chaos.py: trainers killed at random moments, by SIGTERM or SIGKILL,
 some kills inside a save, end with the weights of an uninterrupted run."""
 
@@ -14,11 +14,12 @@ import torch
 from safetensors.torch import load_file
 
 import train_vae
+
 # chaos as a module of bench/, not with bench/ first on sys.path: there, bench/onnx.py would shadow the
 # onnx package that torch.onnx.export imports (and test_onnx.py's exports fail).
 from bench import chaos
 from ldm.config import ConfigError
-from ldm.training import MANIFEST, complete_checkpoints
+from ldm.training.checkpoints import MANIFEST, complete_checkpoints
 from tests.test_train_vae import tiny_run, tiny_vae_json, write_imagefolder  # noqa: F401 (a fixture)
 from tests.test_training import fresh_accelerator_state  # noqa: F401 (autouse fixture)
 
@@ -35,7 +36,7 @@ def run_python(code: str, timeout: float = 60) -> subprocess.CompletedProcess:
 def test_a_signal_is_recorded_a_repeat_within_a_second_is_the_same_request_and_a_later_one_exits_at_once():
     done = run_python("""
         import os, signal, time
-        from ldm.preemption import StopOnSignal
+        from ldm.training.preemption import StopOnSignal
         with StopOnSignal() as stop:
             os.kill(os.getpid(), signal.SIGUSR1)
             os.kill(os.getpid(), signal.SIGINT)  # as torchrun forwards the terminal's Ctrl-C
@@ -54,7 +55,7 @@ def test_a_signal_is_recorded_a_repeat_within_a_second_is_the_same_request_and_a
 def test_handlers_are_restored_after_the_loop_and_off_with_save_on_signal_false():
     done = run_python("""
         import signal
-        from ldm.preemption import StopOnSignal
+        from ldm.training.preemption import StopOnSignal
         before = signal.getsignal(signal.SIGTERM)
         with StopOnSignal():
             assert signal.getsignal(signal.SIGTERM) != before
@@ -177,7 +178,7 @@ def test_the_manifest_lists_every_file_of_the_checkpoint_with_its_size(two_check
 def test_a_trainer_run_from_another_thread_keeps_the_default_handlers():
     done = run_python("""
         import signal, threading
-        from ldm.preemption import StopOnSignal
+        from ldm.training.preemption import StopOnSignal
         before, seen = signal.getsignal(signal.SIGTERM), []
         def work():
             with StopOnSignal():

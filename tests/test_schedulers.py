@@ -14,7 +14,7 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
-from ldm.schedulers import SCHEDULERS, make_scheduler, resolve_scheduler, scheduler_name, scheduler_names
+from ldm.diffusion.schedulers import SCHEDULERS, make_scheduler, resolve_scheduler, scheduler_name, scheduler_names
 
 EXPECTED = {
     "ddpm": DDPMScheduler, "ddim": DDIMScheduler, "pndm": PNDMScheduler, "lms": LMSDiscreteScheduler,

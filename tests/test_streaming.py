@@ -5,9 +5,10 @@ import os
 import pytest
 import torch
 
-from ldm.config import ConfigError, UNetConfig
-from ldm.data import ImageCaptionDataset, load_splits
-from ldm.streaming import StreamBatches, open_stream
+from ldm.config import ConfigError
+from ldm.data.dataset import ImageCaptionDataset, load_splits
+from ldm.data.streaming import StreamBatches, open_stream
+from ldm.training.unet_config import UNetConfig
 
 
 def write_parquet_shards(folder, shards=4, rows=40):

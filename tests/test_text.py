@@ -3,7 +3,8 @@ import os
 import torch
 from transformers import CLIPTokenizer
 
-from ldm.text import build_text_encoder, tokenize, train_tokenizer
+from ldm.data.captions import tokenize
+from ldm.models.text import build_text_encoder, train_tokenizer
 from tests.conftest import TINY_CAPTIONS
 
 

@@ -7,8 +7,14 @@ import subprocess
 import pytest
 import torch
 
-from ldm.timesteps import (UNIFORM_SHARE, ImportanceTimesteps, LogitNormalTimesteps, UniformTimesteps, mass_by_bin,
-                           timestep_sampler)
+from ldm.diffusion.timesteps import (
+    UNIFORM_SHARE,
+    ImportanceTimesteps,
+    LogitNormalTimesteps,
+    UniformTimesteps,
+    mass_by_bin,
+    timestep_sampler,
+)
 from tests.conftest import two_processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,8 +100,8 @@ GATHER = """
 import json, sys
 import torch
 from accelerate import Accelerator
-from ldm.timesteps import ImportanceTimesteps
-from ldm.training import finish_training
+from ldm.diffusion.timesteps import ImportanceTimesteps
+from ldm.training.loop import finish_training
 accelerator = Accelerator()
 sampler = ImportanceTimesteps(6, history=2, gather=accelerator.gather)
 rank = accelerator.process_index

@@ -12,13 +12,15 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from safetensors.torch import load_file
 
 import train_unet
-from ldm.config import ConfigError, UNetConfig, parse_config
-from ldm.data import load_splits
-from ldm.diffusion import noise_scheduler
-from ldm.pipeline import LatentDiffusionPipeline
-from ldm.text import load_text_components
-from ldm.training import NonFiniteLossError, make_accelerator
-from ldm.unet_training import load_frozen_vae, training_data
+from ldm.config import ConfigError, parse_config
+from ldm.data.dataset import load_splits
+from ldm.diffusion.objective import noise_scheduler
+from ldm.models.text import load_text_components
+from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
+from ldm.training.latent_batches import training_data
+from ldm.training.loop import NonFiniteLossError, make_accelerator
+from ldm.training.unet import load_frozen_vae
+from ldm.training.unet_config import UNetConfig
 from tests.conftest import TINY_UNET, TINY_VAE, run_in_two_processes
 from tests.test_streaming import write_parquet_shards
 

@@ -16,12 +16,13 @@ from PIL import Image
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from ldm.config import ConfigError, VAEConfig, parse_config, require_divisible
-from ldm.data import ImageCaptionDataset, load_splits
-from ldm.models import load_vae, vae_architecture, vae_scale_factor
-from ldm.training import NonFiniteLossError
-from ldm.vae import psnr, ssim
-from ldm.vae_loss import PatchDiscriminator
+from ldm.config import ConfigError, parse_config, require_divisible
+from ldm.data.dataset import ImageCaptionDataset, load_splits
+from ldm.models.architecture import vae_scale_factor
+from ldm.training.loop import NonFiniteLossError
+from ldm.training.vae import load_vae, psnr, ssim, vae_architecture
+from ldm.training.vae_config import VAEConfig
+from ldm.training.vae_loss import PatchDiscriminator
 from tests.conftest import TINY_VAE, two_processes
 from tests.test_data import write_metadata
 from tests.test_training import fresh_accelerator_state  # noqa: F401 (autouse fixture)

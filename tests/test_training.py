@@ -10,11 +10,27 @@ import torch
 from accelerate.state import AcceleratorState
 from diffusers import AutoencoderKL
 
-from ldm.config import ConfigError, TrainConfig, parse_config
-from ldm.data import EpochDataset, dataloader
-from ldm.training import (NonFiniteLossError, Throughput, averaged_weights, batch_generator, check_finite,
-                          complete_checkpoints, find_checkpoint, make_accelerator, make_ema, make_optimizer,
-                          resume_state, resumed_batches, save_checkpoint, save_run_config)
+from ldm.config import ConfigError, parse_config
+from ldm.data.dataset import EpochDataset, dataloader
+from ldm.training.checkpoints import (
+    complete_checkpoints,
+    find_checkpoint,
+    resume_state,
+    resumed_batches,
+    save_checkpoint,
+    save_run_config,
+)
+from ldm.training.config import TrainConfig
+from ldm.training.loop import (
+    NonFiniteLossError,
+    Throughput,
+    averaged_weights,
+    batch_generator,
+    check_finite,
+    make_accelerator,
+    make_ema,
+    make_optimizer,
+)
 from tests.conftest import TINY_VAE
 
 

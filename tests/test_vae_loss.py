@@ -5,10 +5,21 @@ import torch
 from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from ldm.config import ConfigError, VAEConfig, parse_config
-from ldm.vae_loss import (ADAPTIVE_WEIGHT_MAX, PatchDiscriminator, adaptive_weight, autoencoder_loss,
-                          discriminator_loss, frozen, generator_loss, hinge_loss, kl_loss, load_lpips,
-                          reconstruction_loss)
+from ldm.config import ConfigError, parse_config
+from ldm.training.vae_config import VAEConfig
+from ldm.training.vae_loss import (
+    ADAPTIVE_WEIGHT_MAX,
+    PatchDiscriminator,
+    adaptive_weight,
+    autoencoder_loss,
+    discriminator_loss,
+    frozen,
+    generator_loss,
+    hinge_loss,
+    kl_loss,
+    load_lpips,
+    reconstruction_loss,
+)
 from tests.conftest import TINY_VAE
 
 pytestmark = pytest.mark.usefixtures("single_thread")

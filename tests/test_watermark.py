@@ -23,10 +23,10 @@ from diffusers.pipelines.stable_diffusion_xl.watermark import WATERMARK_BITS, St
 from imwatermark import WatermarkDecoder
 from PIL import Image
 
+from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
+from ldm.pipelines.watermark import MATCH_THRESHOLD, apply_watermark, is_marked, matched_bits, read_watermark
+from ldm.watermark import main
 from tests.conftest import TINY_VAE
-
-from ldm.pipeline import LatentDiffusionPipeline
-from ldm.watermark import MATCH_THRESHOLD, apply_watermark, is_marked, main, matched_bits, read_watermark
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHOTOGRAPHS = {  # name → 256×256 RGB crop
@@ -144,11 +144,11 @@ def test_the_mark_leaves_the_haar_details_alone(photograph):
 
 def test_images_narrower_than_256_px_are_left_unmarked_with_a_warning(caplog):
     narrow, small = torch.rand(1, 3, 512, 128) * 2 - 1, torch.rand(2, 3, 128, 256) * 2 - 1
-    with caplog.at_level(logging.WARNING, logger="ldm.watermark"):
+    with caplog.at_level(logging.WARNING, logger="ldm.pipelines.watermark"):
         assert apply_watermark(narrow) is narrow
     assert "128 px wide, narrower than the 256 px" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="ldm.watermark"):
+    with caplog.at_level(logging.WARNING, logger="ldm.pipelines.watermark"):
         assert apply_watermark(small) is small  # imwatermark's decoder refuses under 256×256 pixels
     assert "256×128 px, fewer than the 65,536 pixels" in caplog.text
 

@@ -1,0 +1,384 @@
+"""distill.py's work: a few-step student of a trained pipeline by latent consistency distillation
+(Luo et al. 2023, arXiv 2310.04378), saved as a pipeline folder that diffusers' own pipelines load.
+
+`distill` is the one training loop. Three UNets take part: the frozen teacher; the student, the
+teacher's weights plus a guidance input that starts at zero (ldm/diffusion/consistency.py); and the target, an
+EMA of the student, which is what gets saved. Each step noises cached latents to a point t of the
+teacher's DDIM grid, lets the teacher (with classifier-free guidance at a drawn scale) take one DDIM
+step to t − k, and trains the student's estimate of x₀ at t to match the target's at t − k.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from diffusers import DDIMScheduler, DDPMScheduler, LCMScheduler, UNet2DConditionModel
+from tqdm.auto import tqdm
+
+from ldm.config import ConfigError, require_divisible
+from ldm.data.captions import tokenize
+from ldm.data.dataset import load_splits
+from ldm.diffusion import objective
+from ldm.diffusion.consistency import (
+    DDIMSolver,
+    boundary_scalings,
+    clean_and_noise,
+    ddim_step,
+    guidance_embedding,
+    student_from,
+)
+from ldm.hub.files import DISTILLATION, HubError, find_model
+from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
+from ldm.training.checkpoints import save_run_config
+from ldm.training.distill_config import DistillConfig
+from ldm.training.latent_batches import cached_empty_prompt, posterior, training_data
+from ldm.training.loop import (
+    Throughput,
+    apply_gradients,
+    batch_generator,
+    check_finite,
+    checkpoint_or_stop,
+    finish_run,
+    finish_training,
+    make_accelerator,
+    make_ema,
+    make_optimizer,
+    report_step,
+    stop_on_signal,
+)
+from ldm.training.preemption import StopOnSignal
+from ldm.training.validation import sample_grid, save_validation_grid
+
+logger = get_logger(__name__)
+
+
+def distill(config: DistillConfig) -> dict:
+    """Cache, distill, validate, checkpoint, and save the student's pipeline. Returns the final numbers."""
+    # 1. Everything that can be checked is checked before anything expensive.
+    teacher = load_teacher(config)
+    require_divisible(config.resolution, teacher.vae_scale_factor, "VAE")
+    accelerator = make_accelerator(config, "distill")
+    if accelerator.is_main_process:
+        save_run_config(config, config.output_dir)
+    teacher.to(accelerator.device)
+
+    # 2. Data: the latent and text caches train_unet.py builds, with the teacher's frozen encoders.
+    data = training_data(config, accelerator, load_splits(config)[0], teacher.vae, teacher.tokenizer,
+                         teacher.text_encoder)
+    empty = cached_empty_prompt(teacher.text_encoder, tokenize(teacher.tokenizer, [""]).to(accelerator.device),
+                                config.cache_dtype)
+
+    # 3. The student (the teacher plus a guidance input), its optimizer, and the method's own state.
+    student = student_from(teacher.unet, config.guidance_embedding_dim).train()
+    optimizer, lr_scheduler = make_optimizer(student.parameters(), config, accelerator)
+    method = METHODS[config.method](teacher, student, config, accelerator)
+    student, optimizer, lr_scheduler, data.loader = accelerator.prepare(student, optimizer, lr_scheduler, data.loader)
+
+    # 4. Resume: weights, optimizer, schedule, the method's state, RNG states, step, position in the data.
+    global_step, batches = data.resume(accelerator, config)
+    method.resumed(global_step)
+
+    # 5. The loop.
+    meter = Throughput()
+    progress = tqdm(total=config.max_train_steps, initial=global_step, desc=f"distill ({config.method})",
+                    disable=not accelerator.is_local_main_process)
+    running, micro_batches, seen, stopping = 0.0, 0, 0, False
+    # A stop signal from here on is deferred: in the loop it ends the run after the step in progress,
+    # with a checkpoint; after the loop, the final save completes.
+    with StopOnSignal(config.save_on_signal) as stop:
+        for batch_number, batch in batches:
+            if global_step >= config.max_train_steps:
+                break
+            generator = batch_generator(config.seed, accelerator.process_index, batch_number, accelerator.device)
+            with accelerator.accumulate(student):
+                mean, std = posterior(teacher.vae, batch)
+                latents = objective.normalise_latents(mean + std * torch.randn(
+                    mean.shape, generator=generator, device=mean.device), teacher.vae.config)
+                loss = method.loss(student, latents, batch["embeddings"].float(), empty, generator, global_step)
+                check_finite(accelerator.reduce(loss.detach(), "mean"), global_step + 1)
+                apply_gradients(accelerator, loss, list(student.parameters()), optimizer, lr_scheduler,
+                                config.max_grad_norm)
+            running += loss.item()
+            micro_batches += 1
+            seen += latents.shape[0] * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            method.stepped(accelerator.unwrap_model(student), global_step)
+            meter.update(seen)
+            report_step(accelerator, progress, meter, running / micro_batches, lr_scheduler.get_last_lr()[0],
+                        global_step)
+            running, micro_batches, seen = 0.0, 0, 0
+
+            stopping = checkpoint_or_stop(accelerator, config, global_step, stop, meter)
+            if stopping:
+                break
+            if global_step % config.validation_steps == 0 and global_step < config.max_train_steps:
+                validate(accelerator, config, method.pipeline(accelerator.unwrap_model(student)),
+                         method.steps_now(global_step), global_step)
+                meter.restart()
+        progress.close()
+        if stopping:
+            stop_on_signal(accelerator, stop, global_step, config.output_dir)
+
+        # 6. The student's pipeline, with the facts generate.py and the model card read.
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            pipeline = method.pipeline(accelerator.unwrap_model(student))
+            pipeline.save_pretrained(config.output_dir, safe_serialization=True)
+            write_distillation(config)
+            save_validation_grid(step_grid(pipeline, config, method.steps_now(global_step), accelerator.device),
+                                 config.output_dir, accelerator, global_step, "samples")
+        logger.info(f"saved the {config.num_inference_steps}-step student to {config.output_dir}",
+                    main_process_only=True)
+        finish_training(accelerator)
+        result = {"global_step": global_step, "images_per_second": meter.rate}
+        if accelerator.is_main_process:
+            finish_run(config, result)
+        return result
+
+
+class ConsistencyDistillation:
+    """Latent consistency distillation: the student's estimate of x₀ at a grid point t must match the
+    target network's at t − k, after one guided DDIM step of the teacher. The target is the student's
+    EMA, kept in an EMAModel (checkpointed) and copied into a UNet to run; it is what gets saved."""
+
+    def __init__(self, teacher: LatentDiffusionPipeline, student: UNet2DConditionModel, config: DistillConfig,
+                 accelerator: Accelerator):
+        self.teacher, self.teacher_pipeline, self.config = teacher.unet, teacher, config
+        self.noise_schedule = DDPMScheduler.from_config(teacher.scheduler.config)  # the teacher's training schedule
+        self.prediction_type = self.noise_schedule.config.prediction_type
+        self.solver = DDIMSolver(self.noise_schedule.alphas_cumprod, config.num_ddim_timesteps)
+        self.target = copy.deepcopy(student).eval().requires_grad_(False).to(accelerator.device)
+        self.ema = make_ema(student, config, accelerator, constant=True)
+        self.autocast = accelerator.autocast  # the frozen UNets run at the trained one's precision
+
+    def loss(self, student, latents: torch.Tensor, text: torch.Tensor, empty: torch.Tensor,
+             generator: torch.Generator, global_step: int) -> torch.Tensor:
+        count, device = latents.shape[0], latents.device
+        start, end = self.solver.draw(count, generator, device)
+        noise = torch.randn(latents.shape, generator=generator, device=device)
+        noisy = self.noise_schedule.add_noise(latents, noise, start)
+        scales = draw_guidance(self.config, count, generator, device)
+        condition = guidance_embedding(scales, self.config.guidance_embedding_dim)
+
+        prediction = student(noisy, start, text, timestep_cond=condition).sample
+        estimate = self.consistency_output(prediction, noisy, start)
+        with torch.no_grad():
+            previous = self.teacher_step(noisy, start, end, text, empty.expand_as(text), scales)
+            with self.autocast():
+                target_prediction = self.target(previous, end, text, timestep_cond=condition).sample
+            goal = self.consistency_output(target_prediction.float(), previous, end)
+        if self.config.loss_type == "l2":
+            return F.mse_loss(estimate.float(), goal)
+        return (((estimate.float() - goal) ** 2 + self.config.huber_c ** 2).sqrt() - self.config.huber_c).mean()
+
+    def consistency_output(self, prediction: torch.Tensor, sample: torch.Tensor, timesteps: torch.Tensor):
+        """f(x, t) = c_skip(t)·x + c_out(t)·x̂₀, the same arithmetic as LCMScheduler.step."""
+        clean, _ = clean_and_noise(prediction.float(), sample, self.solver.alpha_cumprod(timesteps),
+                                   self.prediction_type)
+        c_skip, c_out = boundary_scalings(timesteps, self.config.timestep_scaling)
+        return c_skip.view(-1, 1, 1, 1) * sample + c_out.view(-1, 1, 1, 1) * clean
+
+    def teacher_step(self, noisy, start, end, text, empty, scales) -> torch.Tensor:
+        """One DDIM step of the teacher from `start` to `end`, guided at `scales` (both passes batched)."""
+        clean, noise = guided_teacher(self.teacher, noisy, start, text, empty, scales, self.solver.alpha_cumprod(start),
+                                      self.prediction_type, self.autocast)
+        return self.solver.step(clean, noise, end)
+
+    def resumed(self, global_step: int) -> None:
+        self.ema.copy_to(self.target.parameters())
+
+    def stepped(self, student: UNet2DConditionModel, global_step: int) -> None:
+        self.ema.step(student.parameters())
+        self.ema.copy_to(self.target.parameters())
+
+    def steps_now(self, global_step: int) -> list[int]:
+        return sorted(self.config.validation_inference_steps)
+
+    def pipeline(self, student: UNet2DConditionModel) -> LatentDiffusionPipeline:
+        """The target UNet with an LCMScheduler on the teacher's noise schedule, its grid the solver's."""
+        scheduler = LCMScheduler.from_config(self.teacher_pipeline.scheduler.config,
+                                             original_inference_steps=self.config.num_ddim_timesteps,
+                                             timestep_scaling=self.config.timestep_scaling)
+        return with_unet(self.teacher_pipeline, self.target, scheduler)
+
+
+class ProgressiveDistillation:
+    """Progressive distillation (Salimans & Ho 2022, arXiv 2202.00512): in each stage the student
+    learns to take in one DDIM step the two its teacher takes, then becomes the next stage's teacher;
+    the step count halves from `teacher_steps` down to `num_inference_steps`. The student predicts v
+    (ε-prediction breaks at few steps), and takes the guidance scale as an input as the LCM student
+    does; the first teacher is the original one with classifier-free guidance at that scale."""
+
+    def __init__(self, teacher: LatentDiffusionPipeline, student: UNet2DConditionModel, config: DistillConfig,
+                 accelerator: Accelerator):
+        self.teacher, self.teacher_pipeline, self.config = teacher.unet, teacher, config
+        self.noise_schedule = DDPMScheduler.from_config(teacher.scheduler.config)
+        self.alphas_cumprod = self.noise_schedule.alphas_cumprod.to(accelerator.device)
+        self.stages = int(math.log2(config.teacher_steps // config.num_inference_steps))
+        self.stage_length = math.ceil(config.max_train_steps / self.stages)
+        # The previous stage's student, teacher of the current stage: checkpointed, so a resumed run
+        # in a later stage has it.
+        self.stage_teacher = copy.deepcopy(student).eval().requires_grad_(False).to(accelerator.device)
+        accelerator.register_for_checkpointing(self.stage_teacher)
+        self.autocast = accelerator.autocast
+
+    def stage(self, global_step: int) -> int:
+        return min(global_step // self.stage_length, self.stages - 1)
+
+    def steps_now(self, global_step: int) -> list[int]:
+        """The student's step count in the stage of `global_step`."""
+        return [self.config.teacher_steps // 2 ** (self.stage(global_step) + 1)]
+
+    def loss(self, student, latents: torch.Tensor, text: torch.Tensor, empty: torch.Tensor,
+             generator: torch.Generator, global_step: int) -> torch.Tensor:
+        count, device = latents.shape[0], latents.device
+        (steps,) = self.steps_now(global_step)
+        start = trailing_timesteps(steps, len(self.alphas_cumprod)).to(device)[
+            torch.randint(0, steps, (count,), generator=generator, device=device)]
+        jump = len(self.alphas_cumprod) // steps  # DDIMScheduler's step from t at `steps` steps
+        middle, end = start - jump // 2, start - jump
+        noise = torch.randn(latents.shape, generator=generator, device=device)
+        noisy = self.noise_schedule.add_noise(latents, noise, start)
+        scales = draw_guidance(self.config, count, generator, device)
+        condition = guidance_embedding(scales, self.config.guidance_embedding_dim)
+
+        alpha_cumprod = self.alpha_cumprod(start)
+        with torch.no_grad():
+            halfway = self.teacher_step(noisy, start, middle, text, empty, scales, condition, global_step)
+            twice = self.teacher_step(halfway, middle, end, text, empty, scales, condition, global_step)
+            goal = two_step_target(noisy, twice, alpha_cumprod, self.alpha_cumprod(end))
+        prediction = student(noisy, start, text, timestep_cond=condition).sample
+        estimate, _ = clean_and_noise(prediction.float(), noisy, alpha_cumprod, "v_prediction")
+        weights = objective.snr(self.noise_schedule, start).clamp(min=1.0)  # "truncated SNR" weighting of the x loss
+        return (weights * ((estimate - goal) ** 2).mean(dim=(1, 2, 3))).mean()
+
+    def teacher_step(self, noisy, start, end, text, empty, scales, condition, global_step) -> torch.Tensor:
+        """One DDIM step from `start` to `end` of this stage's teacher: the original one guided at
+        `scales` in the first stage, the previous student (v, guidance as input) after it."""
+        alpha_cumprod = self.alpha_cumprod(start)
+        if self.stage(global_step) == 0:
+            clean, noise = guided_teacher(self.teacher, noisy, start, text, empty.expand_as(text), scales,
+                                          alpha_cumprod, self.noise_schedule.config.prediction_type, self.autocast)
+        else:
+            with self.autocast():
+                prediction = self.stage_teacher(noisy, start, text, timestep_cond=condition).sample
+            clean, noise = clean_and_noise(prediction.float(), noisy, alpha_cumprod, "v_prediction")
+        return ddim_step(clean, noise, self.alpha_cumprod(end))
+
+    def alpha_cumprod(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """ᾱ at `timesteps`, with 1 below 0: the last step lands on x₀ (DDIM's `set_alpha_to_one`)."""
+        return torch.where(timesteps >= 0, self.alphas_cumprod[timesteps.clamp(min=0)], 1.0)
+
+    def resumed(self, global_step: int) -> None:
+        """Nothing to do: the stage teacher came back with the checkpoint."""
+
+    def stepped(self, student: UNet2DConditionModel, global_step: int) -> None:
+        if global_step % self.stage_length == 0 and global_step // self.stage_length < self.stages:
+            self.stage_teacher.load_state_dict(student.state_dict())  # the next stage's teacher
+            logger.info(f"step {global_step}: the {self.steps_now(global_step - 1)[0]}-step student is the "
+                        f"teacher of the {self.steps_now(global_step)[0]}-step one", main_process_only=True)
+
+    def pipeline(self, student: UNet2DConditionModel) -> LatentDiffusionPipeline:
+        """The student with a DDIMScheduler (v-prediction, trailing timesteps, last step to x₀) on
+        the teacher's noise schedule: it samples in exactly the steps it was distilled for."""
+        scheduler = DDIMScheduler.from_config(self.teacher_pipeline.scheduler.config, prediction_type="v_prediction",
+                                              timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=False)
+        return with_unet(self.teacher_pipeline, student, scheduler)
+
+
+METHODS = {"lcm": ConsistencyDistillation, "progressive": ProgressiveDistillation}
+
+
+def guided_teacher(unet, noisy, timesteps, text, empty, scales, alpha_cumprod, prediction_type, autocast):
+    """The original teacher's x̂₀ and ε̂ with classifier-free guidance u + g (c − u) at per-sample
+    scales g, both passes as one batch."""
+    with autocast():
+        both = unet(torch.cat([noisy, noisy]), torch.cat([timesteps, timesteps]), torch.cat([empty, text])).sample
+    unconditional, conditional = both.float().chunk(2)
+    clean_u, noise_u = clean_and_noise(unconditional, noisy, alpha_cumprod, prediction_type)
+    clean_c, noise_c = clean_and_noise(conditional, noisy, alpha_cumprod, prediction_type)
+    g = scales.view(-1, 1, 1, 1)
+    return clean_u + g * (clean_c - clean_u), noise_u + g * (noise_c - noise_u)
+
+
+def two_step_target(start: torch.Tensor, end: torch.Tensor, alpha_cumprod_start: torch.Tensor,
+                    alpha_cumprod_end: torch.Tensor) -> torch.Tensor:
+    """The x̃ from which one DDIM step takes `start` (at t) to `end` (at t″, where the teacher's two
+    steps landed): x̃ = (z_t″ − (σ_t″/σ_t) z_t) / (α_t″ − (σ_t″/σ_t) α_t)."""
+    alpha_t, sigma_t = alpha_cumprod_start.sqrt(), (1 - alpha_cumprod_start).sqrt()
+    alpha_e, sigma_e = alpha_cumprod_end.sqrt(), (1 - alpha_cumprod_end).sqrt()
+    ratio = (sigma_e / sigma_t).view(-1, 1, 1, 1)
+    return (end - ratio * start) / (alpha_e.view(-1, 1, 1, 1) - ratio * alpha_t.view(-1, 1, 1, 1))
+
+
+def trailing_timesteps(steps: int, train_timesteps: int) -> torch.Tensor:
+    """The timesteps DDIMScheduler samples at with `timestep_spacing="trailing"`, first to last."""
+    return (torch.arange(train_timesteps, 0, -train_timesteps / steps).round() - 1).long()
+
+
+def draw_guidance(config: DistillConfig, count: int, generator: torch.Generator, device) -> torch.Tensor:
+    """A guidance scale per sample, uniform in [min_guidance, max_guidance]."""
+    span = config.max_guidance - config.min_guidance
+    return config.min_guidance + span * torch.rand(count, generator=generator, device=device)
+
+
+# ---------------------------------------------------------------- components
+
+
+def load_teacher(config: DistillConfig) -> LatentDiffusionPipeline:
+    """The teacher pipeline, frozen, after checking that it is one."""
+    try:
+        is_pipeline = find_model(config.teacher, config.revision).is_pipeline
+    except HubError as error:
+        raise ConfigError(f"teacher {config.teacher!r}: {error}") from None
+    if not is_pipeline:
+        raise ConfigError(f"teacher {config.teacher!r} is not a pipeline folder (no model_index.json): give a "
+                          "train_unet.py output_dir or a pipeline's Hub id, which generate.py loads")
+    teacher = LatentDiffusionPipeline.from_pretrained(config.teacher, revision=config.revision)
+    schedule = teacher.scheduler.config
+    if schedule.get("rescale_betas_zero_snr") and schedule.prediction_type == "epsilon":
+        raise ConfigError(f"teacher {config.teacher!r} predicts epsilon on a zero-terminal-SNR schedule: x0 cannot "
+                          "be recovered from its last timestep (alpha_cumprod 0); distil a v-prediction teacher")
+    for model in (teacher.unet, teacher.vae, teacher.text_encoder):
+        model.eval().requires_grad_(False)
+    return teacher
+
+
+def with_unet(teacher: LatentDiffusionPipeline, unet: UNet2DConditionModel, scheduler) -> LatentDiffusionPipeline:
+    """The teacher's VAE and text side with a copy of `unet` and `scheduler`: a pipeline to save or sample."""
+    copied = UNet2DConditionModel.from_config(unet.config)
+    copied.load_state_dict(unet.state_dict())
+    return LatentDiffusionPipeline(vae=teacher.vae, text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer,
+                                   unet=copied.to(unet.device).eval(), scheduler=scheduler)
+
+
+def write_distillation(config: DistillConfig) -> None:
+    """What generate.py and the model card read: the method, the teacher, and the sampling defaults."""
+    facts = {"method": config.method, "teacher": config.teacher, "num_inference_steps": config.num_inference_steps,
+             "guidance_scale": config.validation_guidance_scale}
+    with open(os.path.join(config.output_dir, DISTILLATION), "w") as file:
+        json.dump(facts, file, indent=2)
+
+
+@torch.no_grad()
+def step_grid(pipeline: LatentDiffusionPipeline, config: DistillConfig, steps: list[int], device) -> np.ndarray:
+    """A row of validation images for each step count, fewest steps on top."""
+    return np.concatenate([sample_grid(pipeline, config, device, steps=n) for n in steps], axis=0)
+
+
+def validate(accelerator, config: DistillConfig, pipeline: LatentDiffusionPipeline, steps: list[int],
+             step: int) -> None:
+    if accelerator.is_main_process and config.validation_prompts:
+        save_validation_grid(step_grid(pipeline, config, steps, accelerator.device), config.output_dir,
+                             accelerator, step, "samples")
+    accelerator.wait_for_everyone()
