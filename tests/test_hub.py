@@ -28,9 +28,8 @@ import generate
 import train_unet
 import train_vae
 from ldm.config import ConfigError
-from ldm.hub import push
 from ldm.hub.files import HubError
-from ldm.hub.push import files_to_push
+from ldm.hub.push import files_to_push, push
 from ldm.models.text import text_encoder_config
 from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
 from tests.conftest import TINY_TEXT_ENCODER, TINY_UNET, TINY_VAE
