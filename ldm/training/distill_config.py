@@ -48,7 +48,7 @@ class DistillConfig(TrainConfig, CacheConfig):
         "help": "lcm: a validation grid row per step count (progressive: the current stage's count)"})
     output_dir: str = "outputs/lcm"
 
-    # What the shared data setup (ldm/unet_training.training_data) reads: the teacher's encoders are
+    # What the shared data setup (ldm/training/latent_batches.py's training_data) reads: the teacher's encoders are
     # frozen, so a distillation always reads both caches.
     streaming = False
     uses_caches = True
