@@ -20,6 +20,7 @@ from ldm.data.openmoji import default_cache_dir
 from ldm.data.streaming import StreamBatches, load_stream_state, save_stream_state
 from ldm.diffusion import objective
 from ldm.training.checkpoints import load_checkpoint, resume_state, resumed_batches
+from ldm.training.distill_config import DistillConfig
 from ldm.training.loop import unreadable_rows
 from ldm.training.unet_config import UNetConfig
 
@@ -40,7 +41,7 @@ class TrainingData:
         self.loader, self.stream, self.latents, self.rows = loader, stream, latents, rows
         self.texts_cached = texts_cached
 
-    def resume(self, accelerator: Accelerator, config: UNetConfig):
+    def resume(self, accelerator: Accelerator, config: UNetConfig | DistillConfig):
         """Load the checkpoint to resume from, if any: (steps taken, (batch number, batch) from there on)."""
         if self.stream is not None:
             global_step, checkpoint = load_checkpoint(accelerator, config)
@@ -69,7 +70,7 @@ class TrainingData:
         return len(unreadable_rows(skipped, self.rows, accelerator))
 
 
-def training_data(config: UNetConfig, accelerator: Accelerator, train_rows, vae, tokenizer,
+def training_data(config: UNetConfig | DistillConfig, accelerator: Accelerator, train_rows, vae, tokenizer,
                   text_encoder) -> TrainingData:
     if config.streaming:
         examples = ImageCaptionDataset.from_config(None, config, seed=config.seed)
