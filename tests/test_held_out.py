@@ -1,11 +1,9 @@
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
 
 from ldm.diffusion.objective import loss_by_timestep_bin, noise_scheduler, normalise_latents
 from ldm.evaluation.held_out import HeldOutSet, spread_timesteps
 from ldm.evaluation.likelihood import unet_predictor
-from tests.conftest import TINY_UNET
 
 SAMPLES = 40
 
@@ -26,13 +24,7 @@ def optimal_epsilon(scheduler):
     return predict
 
 
-@pytest.fixture
-def tiny_unet():
-    torch.manual_seed(0)
-    return UNet2DConditionModel.from_config(TINY_UNET).eval()
-
-
-def test_the_same_model_gets_bit_identical_results_on_every_call(tiny_unet):
+def test_the_same_model_gets_bit_identical_results_on_every_call(tiny_unet, single_thread):
     scheduler = noise_scheduler("epsilon")
     held = HeldOutSet.from_latents(gaussian_latents(), embeddings(), scheduler, seed=3, batch_size=16)
     first, second = held.evaluate(unet_predictor(tiny_unet)), held.evaluate(unet_predictor(tiny_unet))
@@ -42,7 +34,7 @@ def test_the_same_model_gets_bit_identical_results_on_every_call(tiny_unet):
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_a_better_model_has_a_lower_loss(prediction_type, tiny_unet):
+def test_a_better_model_has_a_lower_loss(prediction_type, tiny_unet, single_thread):
     scheduler = noise_scheduler(prediction_type)
     held = HeldOutSet.from_latents(gaussian_latents(), embeddings(), scheduler)
     if prediction_type == "epsilon":
