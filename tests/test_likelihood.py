@@ -1,0 +1,163 @@
+"""The variational bound against an exact oracle: for z ~ N(0, I) and the Bayes-optimal denoiser, the model's
+reverse chain with σ_t² = β_t is the true one, so the bound equals −log p(z) exactly (research note §2.2)."""
+
+import math
+
+import pytest
+import torch
+
+from ldm.diffusion.objective import noise_scheduler
+from ldm.evaluation.likelihood import schedule_float64, unet_predictor, variational_bound
+
+DIMS = 16
+SAMPLES = 2000
+STRATA = 200  # at T = 1000: SE ≈ 0.017 bits/dim; fewer strata leave the t≈1 terms (0.5 bits each) too rarely drawn
+POPULATION_EXACT = 0.5 * math.log2(2 * math.pi * math.e)  # E[−log2 N(z; 0, 1)] ≈ 2.047 bits/dim
+
+
+def optimal(prediction_type, scheduler, data_variance=1.0):
+    """The Bayes-optimal prediction for z ~ N(0, data_variance·I): E[z | z_t] = √ᾱ·s²/(ᾱ·s² + 1 − ᾱ)·z_t,
+    and the ε and v that imply it (v = √ᾱ·ε − √(1−ᾱ)·z, so for s² = 1 the optimal v is 0)."""
+    alpha_bar, _ = schedule_float64(scheduler)
+
+    def predict(noisy, timesteps):
+        a = alpha_bar[timesteps].view(-1, *[1] * (noisy.dim() - 1))
+        x0 = a.sqrt() * data_variance / (a * data_variance + 1 - a) * noisy
+        eps = (noisy - a.sqrt() * x0) / (1 - a).sqrt()
+        return {"epsilon": eps, "sample": x0, "v_prediction": a.sqrt() * eps - (1 - a).sqrt() * x0}[prediction_type]
+
+    return predict
+
+
+def gaussian_latents(samples=SAMPLES, seed=0):
+    return torch.randn(samples, DIMS, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def exact_bits(z):
+    """−log2 N(z; 0, I) per dimension, for these samples."""
+    return 0.5 * math.log2(2 * math.pi) + 0.5 * z.square().mean().item() / math.log(2)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_the_bound_of_the_optimal_model_is_the_exact_likelihood(prediction_type):
+    scheduler = noise_scheduler(prediction_type)
+    z = gaussian_latents()
+    bound = variational_bound(optimal(prediction_type, scheduler), z, scheduler, strata=STRATA, batch_size=SAMPLES)
+    assert abs(bound.bits_per_dim - exact_bits(z)) < 3 * bound.standard_error
+    assert abs(bound.bits_per_dim - POPULATION_EXACT) < 3 * bound.standard_error
+    assert bound.bits_per_dim == pytest.approx(bound.prior + bound.steps + bound.decoder)
+    assert (bound.samples, bound.timesteps_per_sample) == (SAMPLES, STRATA + 1)
+
+
+def test_fixed_small_is_a_looser_bound():
+    scheduler = noise_scheduler("epsilon")
+    z = gaussian_latents(500)
+    large = variational_bound(optimal("epsilon", scheduler), z, scheduler, strata=STRATA, batch_size=500)
+    small = variational_bound(optimal("epsilon", scheduler), z, scheduler, strata=STRATA, batch_size=500,
+                              variance="fixed_small")
+    assert small.variance == "fixed_small"
+    assert small.bits_per_dim > large.bits_per_dim + 3 * math.hypot(small.standard_error, large.standard_error)
+
+
+@pytest.mark.parametrize("worse", ["scaled", "noisy"])
+def test_a_worse_model_has_a_higher_bound(worse):
+    scheduler = noise_scheduler("epsilon")
+    best = optimal("epsilon", scheduler)
+    generator = torch.Generator().manual_seed(1)
+
+    def spoiled(noisy, timesteps):
+        if worse == "scaled":
+            return 1.5 * best(noisy, timesteps)
+        return best(noisy, timesteps) + 0.3 * torch.randn(noisy.shape, generator=generator, dtype=noisy.dtype)
+
+    z = gaussian_latents(500)
+    good = variational_bound(best, z, scheduler, strata=50, batch_size=500)
+    bad = variational_bound(spoiled, z, scheduler, strata=50, batch_size=500)  # the same draws: the same seed
+    assert bad.bits_per_dim - good.bits_per_dim > 3 * math.hypot(bad.standard_error, good.standard_error)
+
+
+def test_the_full_sum_agrees_with_the_stratified_estimate():
+    scheduler = noise_scheduler("v_prediction")
+    z = gaussian_latents(200, seed=3)
+    full = variational_bound(optimal("v_prediction", scheduler), z, scheduler, strata=None, batch_size=200)
+    stratified = variational_bound(optimal("v_prediction", scheduler), z, scheduler, strata=100, batch_size=200)
+    assert full.timesteps_per_sample == 1000  # T − 1 steps and the decoder
+    assert abs(full.bits_per_dim - stratified.bits_per_dim) < 3 * math.hypot(full.standard_error,
+                                                                            stratified.standard_error)
+    assert abs(full.bits_per_dim - exact_bits(z)) < 3 * full.standard_error
+
+
+@pytest.mark.parametrize("scale", [2.0, 0.5])
+def test_scaling_the_latents_by_s_moves_the_bound_by_log2_s(scale):
+    """The exact density moves by exactly log2 s; the bound of the optimal model of s·z (whose fixed variances
+    no longer match exactly) stays within ~0.001 of that on SD's schedule, measured on the same draws."""
+    scheduler = noise_scheduler("epsilon")
+    z = gaussian_latents(200, seed=4)
+    unit = variational_bound(optimal("epsilon", scheduler), z, scheduler, strata=None, batch_size=200)
+    scaled = variational_bound(optimal("epsilon", scheduler, scale**2), scale * z, scheduler, strata=None,
+                               batch_size=200, scaling_factor=scale)
+    assert scaled.bits_per_dim - unit.bits_per_dim == pytest.approx(math.log2(scale), abs=0.01)
+    assert (scaled.scaling_factor, scaled.shift_factor) == (scale, None)
+
+
+def test_zero_terminal_snr_with_v_prediction_has_no_prior_term():
+    scheduler = noise_scheduler("v_prediction", zero_terminal_snr=True)
+    z = gaussian_latents(1000)
+    bound = variational_bound(optimal("v_prediction", scheduler), z, scheduler, strata=STRATA, batch_size=1000)
+    assert bound.prior == 0
+    assert abs(bound.bits_per_dim - exact_bits(z)) < 3 * bound.standard_error
+
+
+def test_the_same_seed_gives_the_same_number_and_another_seed_another():
+    scheduler = noise_scheduler("epsilon", num_train_timesteps=100)
+    z = gaussian_latents(50)
+    first, again = (variational_bound(optimal("epsilon", scheduler), z, scheduler, strata=10, seed=7)
+                    for _ in range(2))
+    other = variational_bound(optimal("epsilon", scheduler), z, scheduler, strata=10, seed=8)
+    assert first == again
+    assert other.bits_per_dim != first.bits_per_dim
+
+
+def test_a_unet_with_caption_embeddings_wraps_into_a_predictor(tiny_unet, single_thread):
+    unet = tiny_unet
+    scheduler = noise_scheduler("epsilon")
+    latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    one_caption = torch.randn(1, 6, 32, generator=torch.Generator().manual_seed(1))
+    fixed = variational_bound(unet_predictor(unet, one_caption), latents, scheduler, strata=1, batch_size=2,
+                              scaling_factor=0.5, shift_factor=0.1)
+    per_row = variational_bound(unet_predictor(unet), latents, scheduler, strata=1, batch_size=2,
+                                conditioning=one_caption.expand(3, -1, -1), scaling_factor=0.5, shift_factor=0.1)
+    assert math.isfinite(fixed.bits_per_dim) and math.isfinite(fixed.standard_error)
+    assert fixed.bits_per_dim == pytest.approx(per_row.bits_per_dim, abs=1e-9)
+    assert (fixed.timesteps_per_sample, fixed.scaling_factor, fixed.shift_factor) == (2, 0.5, 0.1)
+
+
+def bound_of(latents=None, scheduler=None, **options):
+    scheduler = scheduler or noise_scheduler("epsilon", num_train_timesteps=100)
+    latents = gaussian_latents(4) if latents is None else latents
+    return variational_bound(optimal("epsilon", scheduler), latents, scheduler, **options)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(prediction_type="flow"), "prediction_type 'flow' is not one of epsilon, v_prediction, sample"),
+    (dict(variance="learned"), "variance 'learned' is not one of fixed_large, fixed_small"),
+    (dict(strata=0), "strata 0 must be an integer from 1 to T−1 = 99"),
+    (dict(strata=-3), "strata -3 must be an integer from 1 to T−1 = 99"),
+    (dict(strata=100), "strata 100 must be an integer from 1 to T−1 = 99"),
+    (dict(batch_size=0), "batch_size 0 must be a positive integer"),
+    (dict(latents=torch.zeros(0, DIMS)), r"latents of shape \(0, 16\) hold no samples"),
+    (dict(latents=torch.tensor([[0.0, float("nan")]])), "latents contain 1 NaN or infinite values"),
+    (dict(latents=torch.tensor([[float("inf"), 1.0]])), "latents contain 1 NaN or infinite values"),
+    (dict(conditioning=torch.zeros(3, 2)), "conditioning has 3 rows for 4 latents"),
+    (dict(scheduler=noise_scheduler("epsilon", zero_terminal_snr=True)), "zero terminal SNR.*use prediction_type "
+                                                                         "v_prediction"),
+])
+def test_bad_input_fails_first_with_a_clear_error(options, message):
+    with pytest.raises(ValueError, match=message):
+        bound_of(**options)
+
+
+def test_a_prediction_of_the_wrong_shape_is_named():
+    scheduler = noise_scheduler("epsilon", num_train_timesteps=100)
+    with pytest.raises(ValueError, match=r"predict returned shape \(4, 8\) for input \(4, 16\)"):
+        variational_bound(lambda noisy, t: noisy[:, :8], gaussian_latents(4), scheduler, strata=5)
