@@ -17,7 +17,7 @@ from ldm.evaluation.likelihood import (
 
 DIMS = 16
 SAMPLES = 2000
-STRATA = 200  # at T = 1000: SE ≈ 0.017 bits/dim; fewer strata leave the t≈1 terms (0.5 bits each) too rarely drawn
+STRATA = 32  # the default, log-spaced: SE ≈ 0.011 bits/dim at T = 1000 and 2000 samples
 POPULATION_EXACT = 0.5 * math.log2(2 * math.pi * math.e)  # E[−log2 N(z; 0, 1)] ≈ 2.047 bits/dim
 
 
