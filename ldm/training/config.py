@@ -80,3 +80,40 @@ class TrainConfig(DataConfig):
         require(self.checkpoints_total_limit is None or self.checkpoints_total_limit > 0,
                 "checkpoints_total_limit", self.checkpoints_total_limit, "a positive count or null")
 
+
+
+@dataclass
+class HeldOutConfig:
+    """What the denoiser trainers (train_unet.py, distill.py) measure on held-out data, on draws fixed
+    once so that every evaluation and every checkpoint sees the same ones (ldm/training/evaluation.py)."""
+
+    validation_loss_samples: int = field(default=256, metadata={
+        "help": "held-out images (of the validation split, through the latent cache) whose loss, at fixed noise "
+                "and timesteps, is logged every validation_steps and at the end, overall and per timestep bin; "
+                "0 turns it off"})
+    evaluation_steps: Optional[int] = field(default=None, metadata={
+        "help": "every this many steps also the latent bits/dim bound (and KID with --inception_weights); the "
+                "bound is computed at the end of every run that has held-out images"})
+    bound_samples: int = field(default=64, metadata={"help": "held-out images the likelihood bound is taken over"})
+    bound_strata: int = field(default=32, metadata={
+        "help": "timestep strata of the bound's estimate: one UNet call each per image, plus one"})
+    inception_weights: Optional[str] = field(default=None, metadata={
+        "help": "a local Inception file (torch-fidelity's weights-inception-2015-12-05-6726825d.pth): with "
+                "--evaluation_steps, KID of kid_samples generated images against as many held-out ones"})
+    kid_samples: int = field(default=64, metadata={"help": "images generated for KID during training"})
+    loss_bins: int = field(default=10, metadata={
+        "help": "timestep bins the training and held-out losses are logged in"})
+
+    def validate_held_out(self) -> None:
+        require(self.validation_loss_samples >= 0, "validation_loss_samples", self.validation_loss_samples,
+                "0 (off) or a positive count")
+        require(self.evaluation_steps is None or self.evaluation_steps > 0, "evaluation_steps",
+                self.evaluation_steps, "a positive number of steps or null")
+        for name in ("bound_samples", "bound_strata", "loss_bins"):
+            require(getattr(self, name) > 0, name, getattr(self, name), "a positive integer")
+        require(self.kid_samples >= 2, "kid_samples", self.kid_samples, "2 or more (KID compares pairs)")
+        if self.inception_weights is not None and not os.path.isfile(self.inception_weights):
+            raise ConfigError(f"inception_weights {self.inception_weights!r} is not a file; give torch-fidelity's "
+                              "weights-inception-2015-12-05-6726825d.pth, or leave it unset")
+        require(self.inception_weights is None or self.evaluation_steps is not None, "inception_weights",
+                self.inception_weights, "set together with --evaluation_steps, which says when KID is computed")

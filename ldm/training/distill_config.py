@@ -8,11 +8,11 @@ from typing import Literal, Optional
 
 from ldm.config import require
 from ldm.data.config import CacheConfig
-from ldm.training.config import TrainConfig
+from ldm.training.config import HeldOutConfig, TrainConfig
 
 
 @dataclass
-class DistillConfig(TrainConfig, CacheConfig):
+class DistillConfig(TrainConfig, CacheConfig, HeldOutConfig):
     """distill.py: a few-step student of a trained pipeline, on the same caches as train_unet.py."""
 
     teacher: str = field(default="outputs/unet-demo", metadata={
@@ -58,6 +58,7 @@ class DistillConfig(TrainConfig, CacheConfig):
     def validate(self) -> None:
         super().validate()
         self.validate_cache()
+        self.validate_held_out()
         require(self.use_ema or self.method != "lcm", "use_ema", self.use_ema,
                 "true: the target network of lcm is the student's EMA")
         require(self.num_inference_steps >= 1, "num_inference_steps", self.num_inference_steps, "a positive integer")

@@ -42,6 +42,7 @@ from ldm.models.lora import (
 from ldm.models.text import build_text_encoder, load_text_components, train_tokenizer
 from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
 from ldm.training.checkpoints import find_checkpoint, save_run_config
+from ldm.training.evaluation import HeldOutImages, evaluation_due, held_out_images, log_held_out, summary
 from ldm.training.latent_batches import cached_empty_prompt, encode_captions, posterior, training_data
 from ldm.training.loop import (
     Throughput,
@@ -81,7 +82,7 @@ def train(config: UNetConfig) -> dict:
     accelerator = make_accelerator(config, "train_unet")
     if accelerator.is_main_process:
         save_run_config(config, config.output_dir)
-    train_rows = open_stream(config) if config.streaming else load_splits(config)[0]
+    train_rows, held_out_rows = (open_stream(config), None) if config.streaming else load_splits(config)
     tokenizer, text_encoder = text_side(config, train_rows, accelerator, resuming)
     check_cross_attention(unet, text_encoder)
     noise_scheduler = objective.noise_scheduler(config.prediction_type, config.zero_terminal_snr, config.beta_schedule,
@@ -91,6 +92,7 @@ def train(config: UNetConfig) -> dict:
 
     # 2. Data: cached latents (and text embeddings), a stream, or images encoded in the step.
     data = training_data(config, accelerator, train_rows, vae, tokenizer, text_encoder)
+    held_out = held_out_images(config, accelerator, held_out_rows, vae, resuming)
     empty_ids = tokenize(tokenizer, [""]).to(accelerator.device)
     empty = cached_empty_prompt(text_encoder, empty_ids, config.cache_dtype) if data.texts_cached else None
 
@@ -188,10 +190,13 @@ def train(config: UNetConfig) -> dict:
             stopping = checkpoint_or_stop(accelerator, config, global_step, stop, meter, data.add_checkpoint_files)
             if stopping:
                 break
-            if global_step % config.validation_steps == 0 and global_step < config.max_train_steps:
-                log_bins(accelerator, bins, timesteps_from, config.loss_bins, global_step)
-                bins = {}
-                validate(accelerator, config, vae, tokenizer, text_encoder, unet, ema, noise_scheduler, global_step)
+            validating = global_step % config.validation_steps == 0
+            if global_step < config.max_train_steps and (validating or evaluation_due(config, global_step)):
+                if validating:
+                    log_bins(accelerator, bins, timesteps_from, config.loss_bins, global_step)
+                    bins = {}
+                validate(accelerator, config, vae, tokenizer, text_encoder, unet, ema, noise_scheduler, global_step,
+                         held_out, grid=validating)
                 meter.restart()
         progress.close()
         if stopping:
@@ -203,16 +208,21 @@ def train(config: UNetConfig) -> dict:
         unreadable = data.unreadable(skipped, accelerator)
         accelerator.wait_for_everyone()
         log_bins(accelerator, bins, timesteps_from, config.loss_bins, global_step)
+        final = {}
         if accelerator.is_main_process:
             with exported_pipeline(accelerator, vae, tokenizer, text_encoder, unet, ema, noise_scheduler) as pipeline:
                 save_model(pipeline, config)
-                save_validation_grid(sample_grid(pipeline, config, accelerator.device), config.output_dir, accelerator,
-                                     global_step, "samples")
+                if config.validation_prompts:
+                    save_validation_grid(sample_grid(pipeline, config, accelerator.device), config.output_dir,
+                                         accelerator, global_step, "samples")
+                if held_out is not None:
+                    final = log_held_out(accelerator, held_out, pipeline, noise_scheduler, global_step, with_bound=True)
         saved = "LoRA adapters" if config.lora_rank else "pipeline"
         logger.info(f"skipped {unreadable} unreadable image(s); saved the {saved} to {config.output_dir}",
                     main_process_only=True)
         finish_training(accelerator)
-        result = {"global_step": global_step, "unreadable_images": unreadable, "images_per_second": meter.rate}
+        result = {"global_step": global_step, "unreadable_images": unreadable, "images_per_second": meter.rate,
+                  **summary(held_out, final)}
         if accelerator.is_main_process:
             finish_run(config, result)
         return result
@@ -343,12 +353,19 @@ def save_model(pipeline: LatentDiffusionPipeline, config: UNetConfig) -> None:
         pipeline.save_pretrained(config.output_dir, safe_serialization=True)
 
 
-def validate(accelerator, config, vae, tokenizer, text_encoder, unet, ema, noise_scheduler, step: int) -> None:
-    if accelerator.is_main_process and config.validation_prompts:
+def validate(accelerator, config, vae, tokenizer, text_encoder, unet, ema, noise_scheduler, step: int,
+             held_out: HeldOutImages | None, grid: bool = True) -> None:
+    """The validation grid and the held-out loss (with the bound, when an evaluation is due), from the
+    pipeline as it would be saved now."""
+    grid = grid and bool(config.validation_prompts)
+    if accelerator.is_main_process and (grid or held_out is not None):
         was_training = text_encoder.training
         accelerator.unwrap_model(text_encoder).eval()
         with exported_pipeline(accelerator, vae, tokenizer, text_encoder, unet, ema, noise_scheduler) as pipeline:
-            save_validation_grid(sample_grid(pipeline, config, accelerator.device), config.output_dir, accelerator,
-                                 step, "samples")
+            if grid:
+                save_validation_grid(sample_grid(pipeline, config, accelerator.device), config.output_dir,
+                                     accelerator, step, "samples")
+            if held_out is not None:
+                log_held_out(accelerator, held_out, pipeline, noise_scheduler, step, evaluation_due(config, step))
         accelerator.unwrap_model(text_encoder).train(was_training)
     accelerator.wait_for_everyone()

@@ -8,13 +8,13 @@ from typing import Literal, Optional
 
 from ldm.config import ConfigError, require
 from ldm.data.config import CacheConfig
-from ldm.training.config import TrainConfig
+from ldm.training.config import HeldOutConfig, TrainConfig
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers' LoRA scripts' default: the attention projections
 
 
 @dataclass
-class UNetConfig(TrainConfig, CacheConfig):
+class UNetConfig(TrainConfig, CacheConfig, HeldOutConfig):
     """train_unet.py: a text-conditioned UNet2DConditionModel on the latents of a frozen VAE."""
 
     unet_config: str = field(default="configs/models/unet_demo.json", metadata={
@@ -81,7 +81,6 @@ class UNetConfig(TrainConfig, CacheConfig):
     validation_prompts: list[str] = field(default_factory=lambda: ["grinning face", "red heart"])
     validation_guidance_scale: float = 5.0
     validation_inference_steps: int = 25
-    loss_bins: int = field(default=10, metadata={"help": "timestep bins the loss is logged in"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -110,7 +109,7 @@ class UNetConfig(TrainConfig, CacheConfig):
         require(self.snr_gamma is None or self.snr_gamma > 0, "snr_gamma", self.snr_gamma, "a positive number or null")
         for name in ("noise_offset", "input_perturbation"):
             require(getattr(self, name) >= 0, name, getattr(self, name), "0 or more")
-        for name in ("tokenizer_vocab_size", "tokenizer_max_length", "validation_inference_steps", "loss_bins"):
+        for name in ("tokenizer_vocab_size", "tokenizer_max_length", "validation_inference_steps"):
             require(getattr(self, name) > 0, name, getattr(self, name), "a positive integer")
         require(self.tokenizer_vocab_size > 258, "tokenizer_vocab_size", self.tokenizer_vocab_size,
                 "more than 258 (256 byte tokens and 2 special tokens come first)")
@@ -119,6 +118,7 @@ class UNetConfig(TrainConfig, CacheConfig):
         require(not (self.train_text_encoder and self.text_encoder_name_or_path), "train_text_encoder",
                 self.train_text_encoder, "false with a pretrained text encoder, which stays frozen")
         self.validate_cache()
+        self.validate_held_out()
         require(self.importance_history > 0, "importance_history", self.importance_history, "a positive integer")
         require(0 < self.beta_start < self.beta_end < 1, "beta_start, beta_end", (self.beta_start, self.beta_end),
                 "0 < beta_start < beta_end < 1")

@@ -1,0 +1,144 @@
+"""What the denoiser trainers measure on held-out data, on draws fixed once: the validation loss
+every `validation_steps` (kohya's and SimpleTuner's signal: it moves only when the model does), the
+latent bits/dim bound every `evaluation_steps` and at the end, and the best step so far.
+
+The held-out images are the first `validation_loss_samples` of the validation split, encoded once
+through the latent cache (center crops, no flips). Their captions are encoded at each evaluation by
+the text encoder as it is then, since the demo's trains with the UNet.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+
+import datasets
+import torch
+from accelerate import Accelerator
+from diffusers import DDPMScheduler
+
+from ldm.data.caches import load_or_build_latents
+from ldm.data.captions import caption_list, tokenize
+from ldm.data.dataset import ImageCaptionDataset
+from ldm.data.openmoji import default_cache_dir
+from ldm.diffusion.objective import normalise_latents
+from ldm.evaluation.held_out import HeldOutLoss, HeldOutSet
+from ldm.evaluation.likelihood import LikelihoodBound, unet_predictor, variational_bound
+from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
+from ldm.training.distill_config import DistillConfig
+from ldm.training.unet_config import UNetConfig
+
+logger = logging.getLogger(__name__)
+
+
+HISTORY = "validation_loss.jsonl"  # every held-out loss of the run, beside its checkpoints
+
+
+class HeldOutImages:
+    """The held-out images' VAE posteriors and captions, and the history of their loss."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, captions: list[str], config: UNetConfig | DistillConfig):
+        self.mean, self.std, self.captions, self.config = mean, std, captions, config
+        self.history = os.path.join(config.output_dir, HISTORY)
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def embeddings(self, pipeline: LatentDiffusionPipeline) -> torch.Tensor:
+        ids = tokenize(pipeline.tokenizer, self.captions).to(pipeline.device)
+        with torch.no_grad():
+            return pipeline.text_encoder(ids)[0].float()
+
+    def loss(self, pipeline: LatentDiffusionPipeline, scheduler: DDPMScheduler) -> HeldOutLoss:
+        """The denoising loss of `pipeline`'s UNet, conditioned on each image's caption (no guidance)."""
+        embeddings = self.embeddings(pipeline)
+        held_out = HeldOutSet.from_posterior(self.mean.to(pipeline.device), self.std.to(pipeline.device), embeddings,
+                                             scheduler, pipeline.vae.config, seed=self.config.seed,
+                                             bins=self.config.loss_bins)
+        return held_out.evaluate(unet_predictor(pipeline.unet))
+
+    def bound(self, pipeline: LatentDiffusionPipeline, scheduler: DDPMScheduler) -> LikelihoodBound:
+        """Latent bits/dim of the first `bound_samples` images' posterior means under `pipeline`'s UNet."""
+        count = min(self.config.bound_samples, len(self))
+        vae = pipeline.vae.config
+        latents = normalise_latents(self.mean[:count].to(pipeline.device), vae)
+        return variational_bound(unet_predictor(pipeline.unet), latents, scheduler, strata=self.config.bound_strata,
+                                 seed=self.config.seed, conditioning=self.embeddings(pipeline)[:count],
+                                 scaling_factor=vae.scaling_factor, shift_factor=vae.get("shift_factor"))
+
+    def record(self, loss: float, step: int) -> None:
+        """Kept in a file, so that the best step of a run killed and resumed counts the evaluations before
+        the kill too (a resumed run repeats the steps after its checkpoint bit for bit, and their losses)."""
+        with open(self.history, "a") as file:
+            file.write(json.dumps({"step": step, "loss": loss}) + "\n")
+
+    def best(self) -> tuple[float, int]:
+        """(loss, step) of the lowest held-out loss the run has logged."""
+        with open(self.history) as file:
+            entries = [json.loads(line) for line in file if line.strip()]
+        best = min(entries, key=lambda entry: (entry["loss"], entry["step"]))
+        return best["loss"], best["step"]
+
+
+def held_out_images(config: UNetConfig | DistillConfig, accelerator: Accelerator, rows: datasets.Dataset | None,
+                    vae, resuming: bool) -> HeldOutImages | None:
+    """The held-out images through the latent cache, built by every process (as the training cache is),
+    with the global random state left as it was: the training run is the same with or without them.
+    A run that starts afresh starts a new history of their loss."""
+    if rows is None or not config.validation_loss_samples or len(rows) == 0:
+        return None
+    history = os.path.join(config.output_dir, HISTORY)
+    if accelerator.is_main_process and not resuming and os.path.exists(history):
+        os.remove(history)
+    rows = rows.select(range(min(config.validation_loss_samples, len(rows))))
+    with torch.random.fork_rng(devices=[]):
+        cache = load_or_build_latents(vae, ImageCaptionDataset.from_config(rows, config, train=False), False,
+                                      config.cache_dir or default_cache_dir(), config.cache_dtype,
+                                      config.cache_chunk_rows, config.cache_batch_size, processes=accelerator)
+    table = cache.take(list(range(len(cache))))
+    mean, std = (cache.tensor(table.column(name), name)[:, 0].float() for name in ("mean", "std"))
+    captions = [caption_list(value)[0] for value in table.column("captions").to_pylist()]
+    logger.info(f"{len(captions)} held-out images for the validation loss (latent cache {cache.folder})")
+    return HeldOutImages(mean, std, captions, config)
+
+
+def evaluation_due(config: UNetConfig | DistillConfig, step: int) -> bool:
+    return config.evaluation_steps is not None and step % config.evaluation_steps == 0
+
+
+def log_held_out(accelerator: Accelerator, held_out: HeldOutImages, pipeline: LatentDiffusionPipeline,
+                 scheduler: DDPMScheduler, step: int, with_bound: bool) -> dict:
+    """Compute, log and return the held-out numbers of `pipeline` at `step` (main process only)."""
+    start = time.perf_counter()
+    result = held_out.loss(pipeline, scheduler)
+    held_out.record(result.loss, step)
+    numbers = {"validation/loss": result.loss, "validation/seconds": time.perf_counter() - start}
+    numbers |= {f"validation/loss_by_timestep/bin_{b:02d}": loss for b, loss in result.by_bin.items()}
+    message = f"step {step}: held-out loss {result.loss:.5f} over {result.count} images"
+    if with_bound:
+        start = time.perf_counter()
+        bound = held_out.bound(pipeline, scheduler)
+        numbers |= {"validation/latent_bits_per_dim": bound.bits_per_dim,
+                    "validation/latent_bits_per_dim_se": bound.standard_error,
+                    "validation/bound_seconds": time.perf_counter() - start}
+        message += f"; latent bits/dim {bound.bits_per_dim:.4f} ± {bound.standard_error:.4f}"
+    accelerator.log(numbers, step=step)
+    logger.info(message)
+    return numbers
+
+
+def summary(held_out: HeldOutImages | None, final: dict) -> dict:
+    """The run's held-out numbers for metrics.json: the final loss and bound, and the best step."""
+    if held_out is None or not final:
+        return {}
+    best_loss, best_step = held_out.best()
+    numbers = {"validation_loss": final["validation/loss"], "validation_loss_seconds": final["validation/seconds"],
+               "best_validation_loss": best_loss, "best_validation_step": best_step}
+    if "validation/latent_bits_per_dim" in final:
+        numbers |= {"latent_bits_per_dim": final["validation/latent_bits_per_dim"],
+                    "latent_bits_per_dim_se": final["validation/latent_bits_per_dim_se"],
+                    "bound_seconds": final["validation/bound_seconds"]}
+    return {name: value for name, value in numbers.items() if not (isinstance(value, float) and math.isnan(value))}
