@@ -45,10 +45,13 @@ def register_torch_fidelity_stub() -> bool:
 if "torchmetrics" not in sys.modules and not torchvision_importable():
     register_torch_fidelity_stub()
 
-# What the project uses, imported after the stub is in place. torch-fidelity's extractor, rather than
-# torchmetrics' NoTrainInceptionV3 subclass of it, because its forward returns several feature layers from one
-# pass (pool features and logits) and always resizes the way the TF original does.
+# What the project uses, imported after the stub is in place:
+# - torch-fidelity's extractor rather than torchmetrics' NoTrainInceptionV3 subclass of it, because its forward
+#   returns several feature layers from one pass (pool features and logits), and always resizes as TF did;
+# - CLIPScore's per-pair step, private: what CLIPScore.update sums, kept per pair by clip_score.py. torchmetrics
+#   is pinned in constraints.txt, so it cannot move under us.
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3  # noqa: E402
+from torchmetrics.functional.multimodal.clip_score import _clip_score_update as clip_score_update  # noqa: E402
 from torchmetrics.image.fid import FrechetInceptionDistance  # noqa: E402
 from torchmetrics.image.inception import InceptionScore  # noqa: E402
 from torchmetrics.image.kid import KernelInceptionDistance  # noqa: E402
@@ -60,4 +63,5 @@ __all__ = [
     "FrechetInceptionDistance",
     "InceptionScore",
     "KernelInceptionDistance",
+    "clip_score_update",
 ]
