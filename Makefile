@@ -16,12 +16,16 @@ install: $(INSTALLED)
 # opencv-python-headless and PyWavelets instead, all that imwatermark imports.
 # gradio (the `ui` extra: ldm/app.py) goes in the same way, --no-deps, then its other requirements as it
 # declares them: it caps pillow<13, and we pin pillow 13.0.0, on which the browser tests run it.
+# torch-fidelity (the Inception network behind torchmetrics' FID/KID/IS, the `eval` extra's metrics) goes in
+# --no-deps too: it declares torchvision, which has no build for our CPU torch and would pull a CUDA torch of
+# several GB. The modules of it that torchmetrics imports need only torch; ldm/evaluation/torchmetrics_import.py
+# keeps its package __init__, which imports torchvision, from running.
 $(INSTALLED): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[test,onnx,lint]" -c constraints.txt
-	$(PY) -m pip install --quiet --no-deps invisible-watermark gradio -c constraints.txt
+	$(PY) -m pip install --quiet -e ".[test,onnx,lint,eval]" -c constraints.txt
+	$(PY) -m pip install --quiet --no-deps invisible-watermark gradio torch-fidelity -c constraints.txt
 	$(PY) -c "$$GRADIO_REQUIREMENTS" > $(VENV)/gradio-requirements.txt
 	$(PY) -m pip install --quiet -r $(VENV)/gradio-requirements.txt -c constraints.txt
 	touch $@
