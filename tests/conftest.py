@@ -14,8 +14,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextModel
 
+from ldm.evaluation.image_metrics import STANDARD_WEIGHTS_FILE
 from ldm.models.text import text_encoder_config, train_tokenizer
 
 
@@ -132,3 +133,48 @@ def parts(tmp_path_factory, tiny_tokenizer):
     (folder / "unet.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel", **TINY_UNET}))
     (folder / "text_encoder.json").write_text(json.dumps(TINY_TEXT_ENCODER))
     return folder
+
+
+@pytest.fixture(scope="session")
+def inception_file(tmp_path_factory):
+    """torch-fidelity's Inception-v3 with random weights, saved as a state dict under the standard file name
+    (91 MB, so once per session and outside the repository). Built with the download and the load patched
+    out; every conv then gets Kaiming-normal weights, since PyTorch's default init leaves features so close to
+    zero that every FID comes out near 1e-12."""
+    from torch_fidelity import feature_extractor_inceptionv3 as inception
+
+    extractor = inception.FeatureExtractorInceptionV3
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(inception, "load_state_dict_from_url", lambda *args, **kwargs: {})
+        patch.setattr(extractor, "load_state_dict", lambda self, state_dict, *args, **kwargs: None)
+        network = extractor("inception-v3-compat", ["2048"])
+    generator = torch.Generator().manual_seed(0)
+    for module in network.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, generator=generator)
+    # Larger class weights than the default init, so that the Inception Score is not stuck at 1.
+    torch.nn.init.normal_(network.fc.weight, std=0.2, generator=generator)
+    path = tmp_path_factory.mktemp("inception") / STANDARD_WEIGHTS_FILE
+    torch.save(network.state_dict(), path)
+    return str(path)
+
+
+def tiny_clip_config(tokenizer) -> CLIPConfig:
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4)
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
+
+
+@pytest.fixture(scope="session")
+def clip_folder(tmp_path_factory, tiny_tokenizer):
+    """A random tiny CLIP and its processor (the project's own tiny tokenizer, 32 px images), as save_pretrained
+    writes a Hub CLIP."""
+    folder = tmp_path_factory.mktemp("clip")
+    torch.manual_seed(0)
+    CLIPModel(tiny_clip_config(tiny_tokenizer)).save_pretrained(folder)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tiny_tokenizer).save_pretrained(folder)
+    return str(folder)

@@ -2,31 +2,10 @@
 
 import pytest
 import torch
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig, CLIPTextModel
+from transformers import CLIPModel, CLIPProcessor, CLIPTextConfig, CLIPTextModel
 
 from ldm.evaluation.clip_score import clip_score, load_clip
-from tests.conftest import TINY_CAPTIONS
-
-
-def tiny_clip_config(tokenizer) -> CLIPConfig:
-    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4)
-    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
-
-
-@pytest.fixture(scope="module")
-def clip_folder(tmp_path_factory, tiny_tokenizer):
-    """A random tiny CLIP and its processor (the project's own tiny tokenizer, 32 px images), as save_pretrained
-    writes a Hub CLIP."""
-    folder = tmp_path_factory.mktemp("clip")
-    torch.manual_seed(0)
-    CLIPModel(tiny_clip_config(tiny_tokenizer)).save_pretrained(folder)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=image_processor, tokenizer=tiny_tokenizer).save_pretrained(folder)
-    return str(folder)
+from tests.conftest import TINY_CAPTIONS, tiny_clip_config
 
 
 def images(count: int) -> torch.Tensor:

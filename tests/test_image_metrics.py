@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from ldm.evaluation.image_metrics import (
-    STANDARD_WEIGHTS_FILE,
     ImageFeatures,
     InceptionFeatures,
     ReferenceSet,
@@ -45,30 +44,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def inception_file(tmp_path_factory):
-    """torch-fidelity's Inception-v3 with random weights, saved as a state dict under the standard file name
-    (91 MB, so once per session and outside the repository). Built with the download and the load patched
-    out; every conv then gets Kaiming-normal weights, since PyTorch's default init leaves features so close to
-    zero that every FID comes out near 1e-12."""
-    from torch_fidelity import feature_extractor_inceptionv3 as inception
-
-    extractor = inception.FeatureExtractorInceptionV3
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(inception, "load_state_dict_from_url", lambda *args, **kwargs: {})
-        patch.setattr(extractor, "load_state_dict", lambda self, state_dict, *args, **kwargs: None)
-        network = extractor("inception-v3-compat", ["2048"])
-    generator = torch.Generator().manual_seed(0)
-    for module in network.modules():
-        if isinstance(module, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(module.weight, generator=generator)
-    # Larger class weights than the default init, so that the Inception Score is not stuck at 1.
-    torch.nn.init.normal_(network.fc.weight, std=0.2, generator=generator)
-    path = tmp_path_factory.mktemp("inception") / STANDARD_WEIGHTS_FILE
-    torch.save(network.state_dict(), path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,12 @@ from accelerate import Accelerator
 from diffusers import DDPMScheduler
 
 from ldm.data.caches import load_or_build_latents
-from ldm.data.captions import caption_list, tokenize
+from ldm.data.captions import caption_list
 from ldm.data.dataset import ImageCaptionDataset
 from ldm.data.openmoji import default_cache_dir
-from ldm.diffusion.objective import normalise_latents
-from ldm.evaluation.held_out import HeldOutLoss, HeldOutSet
-from ldm.evaluation.likelihood import LikelihoodBound, unet_predictor, variational_bound
+from ldm.evaluation.denoising import held_out_loss, latent_bound
+from ldm.evaluation.held_out import HeldOutLoss
+from ldm.evaluation.likelihood import LikelihoodBound
 from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
 from ldm.training.distill_config import DistillConfig
 from ldm.training.unet_config import UNetConfig
@@ -47,27 +47,14 @@ class HeldOutImages:
     def __len__(self) -> int:
         return len(self.captions)
 
-    def embeddings(self, pipeline: LatentDiffusionPipeline) -> torch.Tensor:
-        ids = tokenize(pipeline.tokenizer, self.captions).to(pipeline.device)
-        with torch.no_grad():
-            return pipeline.text_encoder(ids)[0].float()
-
     def loss(self, pipeline: LatentDiffusionPipeline, scheduler: DDPMScheduler) -> HeldOutLoss:
-        """The denoising loss of `pipeline`'s UNet, conditioned on each image's caption (no guidance)."""
-        embeddings = self.embeddings(pipeline)
-        held_out = HeldOutSet.from_posterior(self.mean.to(pipeline.device), self.std.to(pipeline.device), embeddings,
-                                             scheduler, pipeline.vae.config, seed=self.config.seed,
-                                             bins=self.config.loss_bins)
-        return held_out.evaluate(unet_predictor(pipeline.unet))
+        return held_out_loss(pipeline, scheduler, self.mean, self.std, self.captions, self.config.seed,
+                             self.config.loss_bins)
 
     def bound(self, pipeline: LatentDiffusionPipeline, scheduler: DDPMScheduler) -> LikelihoodBound:
-        """Latent bits/dim of the first `bound_samples` images' posterior means under `pipeline`'s UNet."""
         count = min(self.config.bound_samples, len(self))
-        vae = pipeline.vae.config
-        latents = normalise_latents(self.mean[:count].to(pipeline.device), vae)
-        return variational_bound(unet_predictor(pipeline.unet), latents, scheduler, strata=self.config.bound_strata,
-                                 seed=self.config.seed, conditioning=self.embeddings(pipeline)[:count],
-                                 scaling_factor=vae.scaling_factor, shift_factor=vae.get("shift_factor"))
+        return latent_bound(pipeline, scheduler, self.mean[:count], self.captions[:count], self.config.bound_strata,
+                            self.config.seed)
 
     def record(self, loss: float, step: int) -> None:
         """Kept in a file, so that the best step of a run killed and resumed counts the evaluations before
