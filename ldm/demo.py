@@ -3,8 +3,9 @@
     python -m ldm.demo
 
 Each stage is the command a user would type, run as its own process and printed first. The summary
-gives each stage's minutes, the VAE's held-out PSNR, the UNet's steps and this machine's matmul speed
-(a 2-second probe), so that a run's minutes can be compared across machines.
+gives each stage's minutes, the VAE's held-out PSNR, the UNet's steps, held-out loss and latent
+bits/dim, and this machine's matmul speed (a 2-second probe), so that a run's minutes can be
+compared across machines.
 
 Ctrl-C (or SIGTERM) stops the demo after the running trainer has saved a checkpoint, and
 `make demo` again continues: finished stages are not run again and the interrupted one resumes
@@ -131,10 +132,20 @@ def summary(minutes: dict[str, float], fp32: float, bf16: float, earlier: frozen
              ("VAE held-out PSNR (dB)", f"{vae['psnr']:.2f}"),
              ("VAE steps", str(vae["global_step"])),
              ("UNet steps", str(unet["global_step"])),
+             *held_out_rows(unet),
              ("matmul fp32 (GFLOP/s)", f"{fp32:.0f}"),
              ("matmul bf16 (GFLOP/s)", f"{bf16:.0f}"),
              ("torch threads", str(torch.get_num_threads()))]
     return "| make demo | |\n|---|---:|\n" + "\n".join(f"| {name} | {value} |" for name, value in rows)
+
+
+def held_out_rows(unet: dict) -> list[tuple[str, str]]:
+    """The final model's held-out loss and latent bits/dim (docs/evaluation.md), when the run measured them."""
+    if "validation_loss" not in unet:
+        return []
+    return [(f"UNet held-out loss (best {unet['best_validation_loss']:.4f} at step {unet['best_validation_step']})",
+             f"{unet['validation_loss']:.4f}"),
+            ("UNet latent bits/dim", f"{unet['latent_bits_per_dim']:.3f} ± {unet['latent_bits_per_dim_se']:.3f}")]
 
 
 def main(argv: list[str] | None = None) -> None:

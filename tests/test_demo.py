@@ -53,6 +53,19 @@ def test_the_summary_reports_each_stage_the_runs_metrics_and_the_machine(tmp_pat
     assert "| total (minutes) | 6.8 |" in table
     assert "| VAE held-out PSNR (dB) | 26.14 |" in table and "| UNet steps | 1234 |" in table
     assert "| matmul fp32 (GFLOP/s) | 180 |" in table and "| matmul bf16 (GFLOP/s) | 302 |" in table
+    assert "held-out" not in table.replace("VAE held-out", "")  # a run that measured none shows none
+
+
+def test_the_summary_shows_the_unets_held_out_loss_and_bound(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    unet = {"global_step": 1200, "validation_loss": 0.0912, "best_validation_loss": 0.0905,
+            "best_validation_step": 1000, "latent_bits_per_dim": 1.2345, "latent_bits_per_dim_se": 0.0123}
+    for folder, metrics in ((demo.VAE_DIR, {"psnr": 24.4, "global_step": 1500}), (demo.UNET_DIR, unet)):
+        os.makedirs(folder)
+        json.dump(metrics, open(os.path.join(folder, "metrics.json"), "w"))
+    table = demo.summary({"UNet": 5.5}, fp32=200, bf16=900)
+    assert "| UNet held-out loss (best 0.0905 at step 1000) | 0.0912 |" in table
+    assert "| UNet latent bits/dim | 1.234 ± 0.012 |" in table
 
 
 def test_the_matmul_probe_runs_for_the_time_asked_and_counts_its_flops():

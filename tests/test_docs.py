@@ -13,15 +13,17 @@ from accelerate.commands.launch import launch_command_parser
 
 from ldm.app import ServerConfig
 from ldm.data.config import CacheConfig, DataConfig
+from ldm.evaluation.config import EvaluateConfig
 from ldm.generation.config import GenerateConfig
-from ldm.training.config import TrainConfig
+from ldm.training.config import HeldOutConfig, TrainConfig
 from ldm.training.distill_config import DistillConfig
 from ldm.training.unet_config import UNetConfig
 from ldm.training.vae_config import VAEConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGES = [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]
-SETTINGS = (DataConfig, CacheConfig, TrainConfig, VAEConfig, UNetConfig, DistillConfig, GenerateConfig, ServerConfig)
+SETTINGS = (DataConfig, CacheConfig, TrainConfig, HeldOutConfig, VAEConfig, UNetConfig, DistillConfig, GenerateConfig,
+            ServerConfig, EvaluateConfig)
 # Flags the pages give to other programs, by the program that takes them.
 OTHER_PROGRAMS = {
     "no-deps": "pip install",
@@ -63,7 +65,7 @@ def known_flags() -> set[str]:
 def test_the_manual_has_its_pages():
     names = {os.path.basename(path) for path in PAGES}
     assert {"README.md", "architecture.md", "data.md", "train-vae.md", "train-unet.md", "distillation.md", "lora.md",
-            "generation.md", "deployment.md", "web-ui.md", "gpus.md", "reliability.md"} <= names
+            "generation.md", "evaluation.md", "deployment.md", "web-ui.md", "gpus.md", "reliability.md"} <= names
     assert len(page_text(PAGES[0]).splitlines()) <= 300
 
 
