@@ -13,8 +13,8 @@ from diffusers import AutoencoderKL
 from ldm.config import ConfigError, TrainConfig, parse_config
 from ldm.data import EpochDataset, dataloader
 from ldm.training import (NonFiniteLossError, Throughput, averaged_weights, batch_generator, check_finite,
-                          complete_checkpoints, find_checkpoint, make_accelerator, make_ema, make_optimizer,
-                          resume_state, resumed_batches, save_checkpoint, save_run_config)
+                          complete_checkpoints, find_checkpoint, finish_training, make_accelerator, make_ema,
+                          make_optimizer, resume_state, resumed_batches, save_checkpoint, save_run_config)
 from tests.conftest import TINY_VAE
 
 
@@ -166,6 +166,19 @@ def test_fused_adamw_takes_the_same_steps_as_the_per_tensor_loop(tmp_path):
     for name, p in plain_weights.items():
         torch.testing.assert_close(fused_weights[name], p, rtol=rtol, atol=rtol * 1e-2,
                                    msg=lambda message, name=name: f"{name}: {message}")
+
+
+def test_finish_training_frees_the_ddp_reducers_then_the_process_group(tmp_path):
+    # A reducer dropping the last reference to a gloo group destroys it holding the GIL, which a
+    # gloo thread freeing a collective's tensors may be waiting for (see finish_training).
+    accelerator = make_accelerator(TrainConfig(output_dir=str(tmp_path / "run"), report_to="none"))
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))
+    model(torch.ones(1, 2)).sum().backward()
+    torch.distributed.all_reduce(torch.ones(3))
+    finish_training(accelerator, model)
+    assert "reducer" not in vars(model) and "logger" not in vars(model)
+    assert not torch.distributed.is_initialized()
 
 
 def test_batch_noise_depends_only_on_seed_process_and_batch():
