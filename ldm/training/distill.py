@@ -127,7 +127,7 @@ def distill(config: DistillConfig) -> dict:
                 meter.restart()
         progress.close()
         if stopping:
-            stop_on_signal(accelerator, stop, global_step, config.output_dir)
+            stop_on_signal(accelerator, stop, global_step, config.output_dir, student)
 
         # 6. The student's pipeline, with the facts generate.py and the model card read.
         accelerator.wait_for_everyone()
@@ -139,7 +139,7 @@ def distill(config: DistillConfig) -> dict:
                                  config.output_dir, accelerator, global_step, "samples")
         logger.info(f"saved the {config.num_inference_steps}-step student to {config.output_dir}",
                     main_process_only=True)
-        finish_training(accelerator)
+        finish_training(accelerator, student)
         result = {"global_step": global_step, "images_per_second": meter.rate}
         if accelerator.is_main_process:
             finish_run(config, result)

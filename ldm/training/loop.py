@@ -190,16 +190,27 @@ def report_step(accelerator: Accelerator, progress, meter: Throughput, loss: flo
     progress.set_postfix(loss=f"{loss:.4g}", img_s=f"{meter.rate:.0f}")
 
 
-def finish_training(accelerator: Accelerator) -> None:
-    """Close the trackers and the process group, after a barrier.
+def finish_training(accelerator: Accelerator, *models: torch.nn.Module) -> None:
+    """Close the trackers and the process group, after a barrier (no process leaves while another
+    is still in a collective). `models`: the prepared ones.
 
-    On CPU (gloo) a collective's work object can be freed on gloo's own thread, which needs the
-    GIL; if the process group is torn down while that is pending (the DDP wrappers are freed when
-    the trainer returns, and they hold the group), the main thread joins that thread while holding
-    the GIL and both wait forever. A barrier last releases the GIL until every process is here.
+    On CPU (gloo) the group's destructor joins gloo's worker threads, and a worker can still hold
+    the last reference to an earlier collective's tensors: a barrier keeps the collectives that
+    were in flight when it was queued until the barrier itself is freed, on the worker. Freeing a
+    tensor that Python has seen takes the GIL. Dropped from Python, the group releases the GIL
+    before its destructor runs; dropped by a DDP wrapper's reducer, when the trainer returns and
+    its prepared models go, it keeps the GIL, and the two threads wait for each other forever. So
+    the reducers let go of the group here (the prepared models cannot train after this), and the
+    last reference to it is a Python one.
     """
     accelerator.wait_for_everyone()
+    group = torch.distributed.group.WORLD if torch.distributed.is_initialized() else None
+    for model in models:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model.__dict__.pop("logger", None)  # holds the reducer
+            model.__dict__.pop("reducer", None)  # holds the group, in C++
     accelerator.end_training()
+    del group  # if the last reference, the group's destructor runs here, without the GIL
 
 
 def checkpoint_or_stop(accelerator: Accelerator, config: TrainConfig, step: int, stop: StopOnSignal,
@@ -214,14 +225,15 @@ def checkpoint_or_stop(accelerator: Accelerator, config: TrainConfig, step: int,
     return stopping
 
 
-def stop_on_signal(accelerator: Accelerator, stop: StopOnSignal, step: int, output_dir: str) -> None:
-    """After a stop signal and its checkpoint: close the trackers and the process group, and exit
-    with 128 + the signal's number."""
+def stop_on_signal(accelerator: Accelerator, stop: StopOnSignal, step: int, output_dir: str,
+                   *models: torch.nn.Module) -> None:
+    """After a stop signal and its checkpoint: close the trackers and the process group (see
+    finish_training; `models`: the prepared ones), and exit with 128 + the signal's number."""
     cause = stop.signal.name if stop.signal else "another process's signal"
     logger.warning(f"process {accelerator.process_index} stopped on {cause} after step {step}, exit code "
                    f"{stop.exit_code}; saved checkpoint-{step} in {output_dir}: continue with "
                    "--resume_from_checkpoint latest", main_process_only=False)
-    finish_training(accelerator)
+    finish_training(accelerator, *models)
     raise TrainingInterrupted(stop.exit_code)
 
 

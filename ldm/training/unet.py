@@ -200,7 +200,7 @@ def train(config: UNetConfig) -> dict:
                 meter.restart()
         progress.close()
         if stopping:
-            stop_on_signal(accelerator, stop, global_step, config.output_dir)
+            stop_on_signal(accelerator, stop, global_step, config.output_dir, *models)
 
         # 6. The final pipeline (or LoRA adapters), with the EMA weights when there are some. The unreadable
         # images are counted first: a collective's Python tensor freed on gloo's thread while the process
@@ -220,7 +220,7 @@ def train(config: UNetConfig) -> dict:
         saved = "LoRA adapters" if config.lora_rank else "pipeline"
         logger.info(f"skipped {unreadable} unreadable image(s); saved the {saved} to {config.output_dir}",
                     main_process_only=True)
-        finish_training(accelerator)
+        finish_training(accelerator, *models)
         result = {"global_step": global_step, "unreadable_images": unreadable, "images_per_second": meter.rate,
                   **summary(held_out, final)}
         if accelerator.is_main_process:

@@ -165,7 +165,7 @@ def train(config: VAEConfig) -> dict:
                     meter.restart()
 
         if stopping:
-            stop_on_signal(accelerator, stop, global_step, config.output_dir)
+            stop_on_signal(accelerator, stop, global_step, config.output_dir, *models)
 
         # 6. The final model: EMA weights if any, validated, its latent scale measured, saved.
         accelerator.wait_for_everyone()
@@ -181,7 +181,7 @@ def train(config: VAEConfig) -> dict:
         logger.info(f"latent std {stats['std']:.4f}: scaling_factor = {stats['scaling_factor']:.4f}; "
                     f"skipped {len(unreadable)} unreadable training image(s) {unreadable[:20]}; "
                     f"saved the VAE to {config.output_dir}")
-        finish_training(accelerator)
+        finish_training(accelerator, *models)
         result = {"global_step": global_step, "scaling_factor": stats["scaling_factor"], **metrics,
                   "unreadable_images": unreadable}
         if accelerator.is_main_process:
