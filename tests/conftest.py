@@ -135,12 +135,10 @@ def parts(tmp_path_factory, tiny_tokenizer):
     return folder
 
 
-@pytest.fixture(scope="session")
-def inception_file(tmp_path_factory):
-    """torch-fidelity's Inception-v3 with random weights, saved as a state dict under the standard file name
-    (91 MB, so once per session and outside the repository). Built with the download and the load patched
-    out; every conv then gets Kaiming-normal weights, since PyTorch's default init leaves features so close to
-    zero that every FID comes out near 1e-12."""
+def random_inception_file(folder: str) -> str:
+    """torch-fidelity's Inception-v3 with random weights, saved as a state dict under the standard file name in
+    `folder` (91 MB). Built with the download and the load patched out; every conv then gets Kaiming-normal
+    weights, since PyTorch's default init leaves features so close to zero that every FID comes out near 1e-12."""
     from torch_fidelity import feature_extractor_inceptionv3 as inception
 
     extractor = inception.FeatureExtractorInceptionV3
@@ -154,9 +152,15 @@ def inception_file(tmp_path_factory):
             torch.nn.init.kaiming_normal_(module.weight, generator=generator)
     # Larger class weights than the default init, so that the Inception Score is not stuck at 1.
     torch.nn.init.normal_(network.fc.weight, std=0.2, generator=generator)
-    path = tmp_path_factory.mktemp("inception") / STANDARD_WEIGHTS_FILE
+    path = os.path.join(folder, STANDARD_WEIGHTS_FILE)
     torch.save(network.state_dict(), path)
-    return str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def inception_file(tmp_path_factory):
+    """The random-weight Inception file, once per session and outside the repository."""
+    return random_inception_file(str(tmp_path_factory.mktemp("inception")))
 
 
 def tiny_clip_config(tokenizer) -> CLIPConfig:

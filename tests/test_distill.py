@@ -55,6 +55,10 @@ def test_a_two_step_distillation_writes_a_folder_that_three_pipelines_draw_alike
     out = tmp_path / "lcm"
     result = distill.main(argv(teacher, out, "--max_train_steps", "2", "--validation_steps", "1"))
     assert result["global_step"] == 2
+    # the consistency loss on the held-out images, at step 1's validation and at the end
+    held_out = [json.loads(line) for line in (out / "validation_loss.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in held_out] == [1, 2] and result["validation_loss"] == held_out[-1]["loss"]
+    assert result["best_validation_loss"] == min(entry["loss"] for entry in held_out) > 0
     scheduler = LCMScheduler.from_pretrained(out / "scheduler")
     assert scheduler.config.original_inference_steps == 10
     assert json.loads((out / "distillation.json").read_text()) == {
@@ -132,11 +136,23 @@ def test_a_run_resumed_from_a_checkpoint_ends_with_the_same_weights(teacher, tmp
     assert not all(torch.equal(checkpoints[2][name], checkpoints[4][name]) for name in checkpoints[2])
 
 
+@pytest.mark.parametrize("method", ["lcm", "progressive"])
+def test_the_held_out_images_change_nothing_in_distillation(teacher, tmp_path, method):
+    common = ("--method", method, "--teacher_steps", "8", "--max_train_steps", "2", "--validation_steps", "1")
+    distill.main(argv(teacher, tmp_path / "with", *common, "--validation_loss_samples", "8"))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    result = distill.main(argv(teacher, tmp_path / "without", *common, "--validation_loss_samples", "0"))
+    assert "validation_loss" not in result
+    with_them, without = unet_weights(tmp_path / "with"), unet_weights(tmp_path / "without")
+    assert all(torch.equal(with_them[name], without[name]) for name in with_them)
+
+
 def test_two_process_distillation(teacher, tmp_path):
     out = tmp_path / "lcm"
     launched = run_in_two_processes(31, "distill.py", *argv(teacher, out, "--max_train_steps", "2",
                                                             "--validation_steps", "100", "--checkpointing_steps", "1"))
     assert launched.returncode == 0, launched.stderr[-3000:]
+    assert json.loads((out / "metrics.json").read_text())["validation_loss"] > 0  # measured by process 0 alone
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(os.listdir(out / "checkpoint-2"))
     assert LatentDiffusionPipeline.from_pretrained(out).unet.config.time_cond_proj_dim == 16
 

@@ -46,11 +46,13 @@ def test_the_held_out_loss_and_bound_are_logged_and_the_best_step_reported(parts
 
 def test_the_held_out_images_change_nothing_in_training(parts, tmp_path, openmoji_32):
     """Their cache build and every evaluation leave the training's random state and weights alone (no
-    validation grid here: these runs differ only in the held-out images)."""
+    validation grid here: these runs differ only in the held-out images). The text side is a pretrained CLIP:
+    a tokenizer trained on the captions breaks ties between equally frequent pairs in no fixed order, so two
+    runs that each train one can differ by that alone."""
     no_grid = tmp_path / "no_grid.yaml"
     no_grid.write_text("validation_prompts: []\n")
-    common = ("--config", str(no_grid), "--max_train_steps", "3", "--validation_steps", "1", "--evaluation_steps",
-              "2", "--bound_samples", "2", "--bound_strata", "2")
+    common = ("--config", str(no_grid), "--text_encoder_name_or_path", str(parts / "clip"), "--max_train_steps", "3",
+              "--validation_steps", "1", "--evaluation_steps", "2", "--bound_samples", "2", "--bound_strata", "2")
     train_unet.main(argv(parts, tmp_path / "with", *common, "--validation_loss_samples", "8", prompts=()))
     assert [entry["step"] for entry in history(tmp_path / "with")] == [1, 2, 3]
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -86,3 +88,21 @@ def test_a_resumed_run_reports_the_best_step_of_the_whole_run(parts, tmp_path, o
 def test_bad_held_out_settings_fail_before_any_work(parts, tmp_path, flag, value, message):
     with pytest.raises(ConfigError, match=message):
         train_unet.main(argv(parts, tmp_path / "run", flag, value))
+
+
+def test_kid_on_a_small_fixed_sample_at_evaluation_steps(parts, tmp_path, openmoji_32, inception_file):
+    out = tmp_path / "run"
+    result = train_unet.main(argv(parts, out, "--max_train_steps", "2", "--validation_steps", "5",
+                                  "--evaluation_steps", "1", "--validation_loss_samples", "8", "--bound_samples", "2",
+                                  "--bound_strata", "2", "--inception_weights", inception_file, "--kid_samples", "4"))
+    assert [entry["step"] for entry in history(out)] == [1, 2]  # the evaluation at step 1, and the end
+    assert "kid" in result and result["kid_std"] >= 0
+    assert json.loads((out / "metrics.json").read_text())["kid"] == result["kid"]
+
+
+def test_a_distillation_refuses_the_denoisers_evaluations(tmp_path):
+    from ldm.config import parse_config
+    from ldm.training.distill_config import DistillConfig
+
+    with pytest.raises(ConfigError, match="evaluation_steps = 5 is invalid; expected null for distill.py"):
+        parse_config(DistillConfig, ["--teacher", str(tmp_path), "--evaluation_steps", "5"])

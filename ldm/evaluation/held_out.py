@@ -100,11 +100,15 @@ class HeldOutSet:
                                      f"{tuple(self.noisy[rows].shape)}: it must return one prediction of that shape")
                 per_sample = F.mse_loss(prediction.float(), self.target[rows].float(), reduction="none")
                 losses.append(per_sample.flatten(1).mean(dim=1).cpu())
-        per_sample = torch.cat(losses).to(torch.float64)
-        bins = objective.loss_by_timestep_bin(per_sample, self.timesteps.cpu(), self.num_train_timesteps, self.bins)
-        return HeldOutLoss(loss=per_sample.mean().item(),
-                           by_bin={b: total / n for b, (total, n) in sorted(bins.items())},
-                           count=len(per_sample), count_by_bin={b: n for b, (_, n) in sorted(bins.items())})
+        return summarise(torch.cat(losses), self.timesteps.cpu(), self.num_train_timesteps, self.bins)
+
+
+def summarise(per_sample: torch.Tensor, timesteps: torch.Tensor, num_train_timesteps: int, bins: int) -> HeldOutLoss:
+    """Per-sample losses as their mean, overall and per timestep bin (training's bins)."""
+    per_sample = per_sample.to(torch.float64)
+    by_bin = objective.loss_by_timestep_bin(per_sample, timesteps, num_train_timesteps, bins)
+    return HeldOutLoss(loss=per_sample.mean().item(), by_bin={b: total / n for b, (total, n) in sorted(by_bin.items())},
+                       count=len(per_sample), count_by_bin={b: n for b, (_, n) in sorted(by_bin.items())})
 
 
 def draw_held_out(latents: torch.Tensor, embeddings: torch.Tensor | None, scheduler: DDPMScheduler,

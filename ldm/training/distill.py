@@ -14,10 +14,10 @@ import copy
 import json
 import math
 import os
+from collections.abc import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from diffusers import DDIMScheduler, DDPMScheduler, LCMScheduler, UNet2DConditionModel
@@ -37,8 +37,9 @@ from ldm.diffusion.consistency import (
 )
 from ldm.hub.files import DISTILLATION, HubError, find_model
 from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
-from ldm.training.checkpoints import save_run_config
+from ldm.training.checkpoints import find_checkpoint, save_run_config
 from ldm.training.distill_config import DistillConfig
+from ldm.training.evaluation import held_out_images, log_distillation_loss, summary
 from ldm.training.latent_batches import cached_empty_prompt, posterior, training_data
 from ldm.training.loop import (
     Throughput,
@@ -71,8 +72,10 @@ def distill(config: DistillConfig) -> dict:
     teacher.to(accelerator.device)
 
     # 2. Data: the latent and text caches train_unet.py builds, with the teacher's frozen encoders.
-    data = training_data(config, accelerator, load_splits(config)[0], teacher.vae, teacher.tokenizer,
-                         teacher.text_encoder)
+    train_rows, held_out_rows = load_splits(config)
+    data = training_data(config, accelerator, train_rows, teacher.vae, teacher.tokenizer, teacher.text_encoder)
+    resuming = find_checkpoint(config.resume_from_checkpoint, config.output_dir) is not None
+    held_out = held_out_images(config, accelerator, held_out_rows, teacher.vae, resuming)
     empty = cached_empty_prompt(teacher.text_encoder, tokenize(teacher.tokenizer, [""]).to(accelerator.device),
                                 config.cache_dtype)
 
@@ -102,7 +105,8 @@ def distill(config: DistillConfig) -> dict:
                 mean, std = posterior(teacher.vae, batch)
                 latents = objective.normalise_latents(mean + std * torch.randn(
                     mean.shape, generator=generator, device=mean.device), teacher.vae.config)
-                loss = method.loss(student, latents, batch["embeddings"].float(), empty, generator, global_step)
+                loss = method.losses(student, latents, batch["embeddings"].float(), empty, generator,
+                                     global_step)[0].mean()
                 check_finite(accelerator.reduce(loss.detach(), "mean"), global_step + 1)
                 apply_gradients(accelerator, loss, list(student.parameters()), optimizer, lr_scheduler,
                                 config.max_grad_norm)
@@ -123,7 +127,8 @@ def distill(config: DistillConfig) -> dict:
                 break
             if global_step % config.validation_steps == 0 and global_step < config.max_train_steps:
                 validate(accelerator, config, method.pipeline(accelerator.unwrap_model(student)),
-                         method.steps_now(global_step), global_step)
+                         method.steps_now(global_step), global_step,
+                         lambda: measure_held_out(accelerator, held_out, method, student, teacher, empty, global_step))
                 meter.restart()
         progress.close()
         if stopping:
@@ -137,10 +142,11 @@ def distill(config: DistillConfig) -> dict:
             write_distillation(config)
             save_validation_grid(step_grid(pipeline, config, method.steps_now(global_step), accelerator.device),
                                  config.output_dir, accelerator, global_step, "samples")
+        final = measure_held_out(accelerator, held_out, method, student, teacher, empty, global_step)
         logger.info(f"saved the {config.num_inference_steps}-step student to {config.output_dir}",
                     main_process_only=True)
         finish_training(accelerator, student)
-        result = {"global_step": global_step, "images_per_second": meter.rate}
+        result = {"global_step": global_step, "images_per_second": meter.rate, **summary(held_out, final)}
         if accelerator.is_main_process:
             finish_run(config, result)
         return result
@@ -161,8 +167,9 @@ class ConsistencyDistillation:
         self.ema = make_ema(student, config, accelerator, constant=True)
         self.autocast = accelerator.autocast  # the frozen UNets run at the trained one's precision
 
-    def loss(self, student, latents: torch.Tensor, text: torch.Tensor, empty: torch.Tensor,
-             generator: torch.Generator, global_step: int) -> torch.Tensor:
+    def losses(self, student, latents: torch.Tensor, text: torch.Tensor, empty: torch.Tensor,
+               generator: torch.Generator, global_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each image's loss, and the grid timestep it was noised to."""
         count, device = latents.shape[0], latents.device
         start, end = self.solver.draw(count, generator, device)
         noise = torch.randn(latents.shape, generator=generator, device=device)
@@ -177,9 +184,10 @@ class ConsistencyDistillation:
             with self.autocast():
                 target_prediction = self.target(previous, end, text, timestep_cond=condition).sample
             goal = self.consistency_output(target_prediction.float(), previous, end)
-        if self.config.loss_type == "l2":
-            return F.mse_loss(estimate.float(), goal)
-        return (((estimate.float() - goal) ** 2 + self.config.huber_c ** 2).sqrt() - self.config.huber_c).mean()
+        squared = (estimate.float() - goal) ** 2
+        if self.config.loss_type == "huber":
+            squared = (squared + self.config.huber_c ** 2).sqrt() - self.config.huber_c
+        return squared.mean(dim=(1, 2, 3)), start
 
     def consistency_output(self, prediction: torch.Tensor, sample: torch.Tensor, timesteps: torch.Tensor):
         """f(x, t) = c_skip(t)·x + c_out(t)·x̂₀, the same arithmetic as LCMScheduler.step."""
@@ -239,8 +247,9 @@ class ProgressiveDistillation:
         """The student's step count in the stage of `global_step`."""
         return [self.config.teacher_steps // 2 ** (self.stage(global_step) + 1)]
 
-    def loss(self, student, latents: torch.Tensor, text: torch.Tensor, empty: torch.Tensor,
-             generator: torch.Generator, global_step: int) -> torch.Tensor:
+    def losses(self, student, latents: torch.Tensor, text: torch.Tensor, empty: torch.Tensor,
+               generator: torch.Generator, global_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each image's loss, and the timestep it was noised to."""
         count, device = latents.shape[0], latents.device
         (steps,) = self.steps_now(global_step)
         start = trailing_timesteps(steps, len(self.alphas_cumprod)).to(device)[
@@ -260,7 +269,7 @@ class ProgressiveDistillation:
         prediction = student(noisy, start, text, timestep_cond=condition).sample
         estimate, _ = clean_and_noise(prediction.float(), noisy, alpha_cumprod, "v_prediction")
         weights = objective.snr(self.noise_schedule, start).clamp(min=1.0)  # "truncated SNR" weighting of the x loss
-        return (weights * ((estimate - goal) ** 2).mean(dim=(1, 2, 3))).mean()
+        return weights * ((estimate - goal) ** 2).mean(dim=(1, 2, 3)), start
 
     def teacher_step(self, noisy, start, end, text, empty, scales, condition, global_step) -> torch.Tensor:
         """One DDIM step from `start` to `end` of this stage's teacher: the original one guided at
@@ -377,8 +386,15 @@ def step_grid(pipeline: LatentDiffusionPipeline, config: DistillConfig, steps: l
 
 
 def validate(accelerator, config: DistillConfig, pipeline: LatentDiffusionPipeline, steps: list[int],
-             step: int) -> None:
+             step: int, measure: Callable[[], dict]) -> None:  # the grid of each step count, the held-out loss
     if accelerator.is_main_process and config.validation_prompts:
         save_validation_grid(step_grid(pipeline, config, steps, accelerator.device), config.output_dir,
                              accelerator, step, "samples")
+    measure()
     accelerator.wait_for_everyone()
+
+
+def measure_held_out(accelerator, held_out, method, student, teacher, empty, step: int) -> dict:
+    plain = accelerator.unwrap_model(student)  # the DDP wrapper's forward would sync buffers with the other processes
+    return log_distillation_loss(accelerator, held_out, teacher, plain, lambda latents, text, generator: (
+        method.losses(plain, latents, text, empty, generator, step)), step)

@@ -59,6 +59,9 @@ class DistillConfig(TrainConfig, CacheConfig, HeldOutConfig):
         super().validate()
         self.validate_cache()
         self.validate_held_out()
+        for name in ("evaluation_steps", "inception_weights"):  # a student is measured by its held-out loss here
+            require(getattr(self, name) is None, name, getattr(self, name), "null for distill.py: the bound is for "
+                    "denoisers, not students; measure a student's images with python -m ldm.evaluate")
         require(self.use_ema or self.method != "lcm", "use_ema", self.use_ema,
                 "true: the target network of lcm is the student's EMA")
         require(self.num_inference_steps >= 1, "num_inference_steps", self.num_inference_steps, "a positive integer")

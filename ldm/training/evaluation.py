@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 
 import datasets
 import torch
@@ -24,8 +25,10 @@ from ldm.data.caches import load_or_build_latents
 from ldm.data.captions import caption_list
 from ldm.data.dataset import ImageCaptionDataset
 from ldm.data.openmoji import default_cache_dir
-from ldm.evaluation.denoising import held_out_loss, latent_bound
-from ldm.evaluation.held_out import HeldOutLoss
+from ldm.diffusion.objective import normalise_latents
+from ldm.evaluation.denoising import caption_embeddings, held_out_loss, latent_bound
+from ldm.evaluation.held_out import HeldOutLoss, summarise
+from ldm.evaluation.image_metrics import ImageFeatures, InceptionFeatures, MetricResult, kid, to_uint8
 from ldm.evaluation.likelihood import LikelihoodBound
 from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
 from ldm.training.distill_config import DistillConfig
@@ -35,14 +38,19 @@ logger = logging.getLogger(__name__)
 
 
 HISTORY = "validation_loss.jsonl"  # every held-out loss of the run, beside its checkpoints
+BATCH = 64  # held-out images per model call
+DistillationLosses = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
 
 class HeldOutImages:
     """The held-out images' VAE posteriors and captions, and the history of their loss."""
 
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor, captions: list[str], config: UNetConfig | DistillConfig):
-        self.mean, self.std, self.captions, self.config = mean, std, captions, config
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, captions: list[str], rows: datasets.Dataset,
+                 config: UNetConfig | DistillConfig):
+        self.mean, self.std, self.captions, self.rows, self.config = mean, std, captions, rows, config
         self.history = os.path.join(config.output_dir, HISTORY)
+        self.inception: InceptionFeatures | None = None
+        self.real_features: ImageFeatures | None = None
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -55,6 +63,44 @@ class HeldOutImages:
         count = min(self.config.bound_samples, len(self))
         return latent_bound(pipeline, scheduler, self.mean[:count], self.captions[:count], self.config.bound_strata,
                             self.config.seed)
+
+    @torch.no_grad()
+    def kid(self, pipeline: LatentDiffusionPipeline, steps: int, guidance: float) -> MetricResult:
+        """KID of `kid_samples` images drawn for the first held-out captions (image i with seed + i) against
+        those images themselves. The Inception and the real images' features are made at the first call."""
+        count = min(self.config.kid_samples, len(self))
+        if self.inception is None:
+            self.inception = InceptionFeatures(self.config.inception_weights, with_logits=False)
+            real = ImageCaptionDataset.from_config(self.rows.select(range(count)), self.config, train=False)
+            pixels = torch.stack([real[i]["pixel_values"] for i in range(count)])
+            self.real_features = self.inception(to_uint8(pixels * 0.5 + 0.5), name="held-out", progress=False)
+        size = self.config.resolution
+        with torch.random.fork_rng(devices=[]):
+            images = pipeline(self.captions[:count], num_inference_steps=steps, guidance_scale=guidance, height=size,
+                              width=size, output_type="pt",
+                              generator=[torch.Generator().manual_seed(self.config.seed + i) for i in range(count)])
+        drawn = self.inception(to_uint8(images.images.float().cpu()), progress=False)
+        return kid(self.real_features, drawn, subset_size=count, seed=self.config.seed)
+
+    @torch.no_grad()
+    def distillation_loss(self, teacher: LatentDiffusionPipeline, losses: DistillationLosses) -> HeldOutLoss:
+        """A distillation method's own loss on the held-out images: each batch's latent sample, noise, timesteps
+        and guidance come from its own generator, seeded from the run's seed and the batch's number, so every
+        evaluation sees the same draws. `losses(latents, embeddings, generator)` gives (per-image loss, the
+        timestep each image was noised to)."""
+        embeddings = caption_embeddings(teacher, self.captions)
+        per_image, timesteps = [], []
+        with torch.random.fork_rng(devices=[]):
+            for number, start in enumerate(range(0, len(self), BATCH)):
+                rows = slice(start, start + BATCH)
+                generator = torch.Generator(teacher.device).manual_seed(self.config.seed + number)
+                mean, std = self.mean[rows].to(teacher.device), self.std[rows].to(teacher.device)
+                draw = torch.randn(mean.shape, generator=generator, device=teacher.device)
+                loss, t = losses(normalise_latents(mean + std * draw, teacher.vae.config), embeddings[rows], generator)
+                per_image.append(loss.double().cpu())
+                timesteps.append(t.cpu())
+        return summarise(torch.cat(per_image), torch.cat(timesteps).clamp(min=0),
+                         teacher.scheduler.config.num_train_timesteps, self.config.loss_bins)
 
     def record(self, loss: float, step: int) -> None:
         """Kept in a file, so that the best step of a run killed and resumed counts the evaluations before
@@ -85,36 +131,57 @@ def held_out_images(config: UNetConfig | DistillConfig, accelerator: Accelerator
         cache = load_or_build_latents(vae, ImageCaptionDataset.from_config(rows, config, train=False), False,
                                       config.cache_dir or default_cache_dir(), config.cache_dtype,
                                       config.cache_chunk_rows, config.cache_batch_size, processes=accelerator)
-    table = cache.take(list(range(len(cache))))
+    table = cache.take(list(range(len(cache))))  # an unreadable image is not in the cache
     mean, std = (cache.tensor(table.column(name), name)[:, 0].float() for name in ("mean", "std"))
     captions = [caption_list(value)[0] for value in table.column("captions").to_pylist()]
     logger.info(f"{len(captions)} held-out images for the validation loss (latent cache {cache.folder})")
-    return HeldOutImages(mean, std, captions, config)
+    return HeldOutImages(mean, std, captions, rows.select(table.column("row").to_pylist()), config)
 
 
 def evaluation_due(config: UNetConfig | DistillConfig, step: int) -> bool:
     return config.evaluation_steps is not None and step % config.evaluation_steps == 0
 
 
-def log_held_out(accelerator: Accelerator, held_out: HeldOutImages, pipeline: LatentDiffusionPipeline,
-                 scheduler: DDPMScheduler, step: int, with_bound: bool) -> dict:
-    """Compute, log and return the held-out numbers of `pipeline` at `step` (main process only)."""
+def log_held_out(accelerator: Accelerator, held_out: HeldOutImages, step: int, loss: Callable[[], HeldOutLoss],
+                 bound: Callable[[], LikelihoodBound] | None = None,
+                 kid_now: Callable[[], MetricResult] | None = None) -> dict:
+    """Compute, log and return the held-out numbers at `step` (main process only): `loss()`, and `bound()` and
+    `kid_now()` when given, each timed."""
     start = time.perf_counter()
-    result = held_out.loss(pipeline, scheduler)
+    result = loss()
     held_out.record(result.loss, step)
     numbers = {"validation/loss": result.loss, "validation/seconds": time.perf_counter() - start}
-    numbers |= {f"validation/loss_by_timestep/bin_{b:02d}": loss for b, loss in result.by_bin.items()}
+    numbers |= {f"validation/loss_by_timestep/bin_{b:02d}": value for b, value in result.by_bin.items()}
     message = f"step {step}: held-out loss {result.loss:.5f} over {result.count} images"
-    if with_bound:
+    if bound is not None:
         start = time.perf_counter()
-        bound = held_out.bound(pipeline, scheduler)
-        numbers |= {"validation/latent_bits_per_dim": bound.bits_per_dim,
-                    "validation/latent_bits_per_dim_se": bound.standard_error,
+        measured = bound()
+        numbers |= {"validation/latent_bits_per_dim": measured.bits_per_dim,
+                    "validation/latent_bits_per_dim_se": measured.standard_error,
                     "validation/bound_seconds": time.perf_counter() - start}
-        message += f"; latent bits/dim {bound.bits_per_dim:.4f} ± {bound.standard_error:.4f}"
+        message += f"; latent bits/dim {measured.bits_per_dim:.4f} ± {measured.standard_error:.4f}"
+    if kid_now is not None:
+        start = time.perf_counter()
+        distance = kid_now()
+        numbers |= {"validation/kid": distance.value, "validation/kid_std": distance.std,
+                    "validation/kid_seconds": time.perf_counter() - start}
+        message += f"; {distance.name} {distance.value:.4f} ± {distance.std:.4f} ({distance.count} images)"
     accelerator.log(numbers, step=step)
     logger.info(message)
     return numbers
+
+
+def log_distillation_loss(accelerator: Accelerator, held_out: HeldOutImages | None, teacher: LatentDiffusionPipeline,
+                          student: torch.nn.Module, losses: DistillationLosses, step: int) -> dict:
+    """A distillation method's held-out loss (main process only), with the student in eval mode."""
+    if held_out is None or not accelerator.is_main_process:
+        return {}
+    was_training = student.training
+    student.eval()
+    try:
+        return log_held_out(accelerator, held_out, step, lambda: held_out.distillation_loss(teacher, losses))
+    finally:
+        student.train(was_training)
 
 
 def summary(held_out: HeldOutImages | None, final: dict) -> dict:
@@ -124,6 +191,8 @@ def summary(held_out: HeldOutImages | None, final: dict) -> dict:
     best_loss, best_step = held_out.best()
     numbers = {"validation_loss": final["validation/loss"], "validation_loss_seconds": final["validation/seconds"],
                "best_validation_loss": best_loss, "best_validation_step": best_step}
+    if "validation/kid" in final:
+        numbers |= {"kid": final["validation/kid"], "kid_std": final["validation/kid_std"]}
     if "validation/latent_bits_per_dim" in final:
         numbers |= {"latent_bits_per_dim": final["validation/latent_bits_per_dim"],
                     "latent_bits_per_dim_se": final["validation/latent_bits_per_dim_se"],

@@ -216,7 +216,9 @@ def train(config: UNetConfig) -> dict:
                     save_validation_grid(sample_grid(pipeline, config, accelerator.device), config.output_dir,
                                          accelerator, global_step, "samples")
                 if held_out is not None:
-                    final = log_held_out(accelerator, held_out, pipeline, noise_scheduler, global_step, with_bound=True)
+                    final = log_held_out(accelerator, held_out, global_step,
+                                         lambda: held_out.loss(pipeline, noise_scheduler),
+                                         lambda: held_out.bound(pipeline, noise_scheduler), kid_of(held_out, pipeline))
         saved = "LoRA adapters" if config.lora_rank else "pipeline"
         logger.info(f"skipped {unreadable} unreadable image(s); saved the {saved} to {config.output_dir}",
                     main_process_only=True)
@@ -366,6 +368,17 @@ def validate(accelerator, config, vae, tokenizer, text_encoder, unet, ema, noise
                 save_validation_grid(sample_grid(pipeline, config, accelerator.device), config.output_dir,
                                      accelerator, step, "samples")
             if held_out is not None:
-                log_held_out(accelerator, held_out, pipeline, noise_scheduler, step, evaluation_due(config, step))
+                due = evaluation_due(config, step)
+                log_held_out(accelerator, held_out, step, lambda: held_out.loss(pipeline, noise_scheduler),
+                             (lambda: held_out.bound(pipeline, noise_scheduler)) if due else None,
+                             kid_of(held_out, pipeline) if due else None)
         accelerator.unwrap_model(text_encoder).train(was_training)
     accelerator.wait_for_everyone()
+
+
+def kid_of(held_out: HeldOutImages, pipeline: LatentDiffusionPipeline):
+    """KID at the validation grid's steps and guidance, with --inception_weights; else None."""
+    config = held_out.config
+    if config.inception_weights is None:
+        return None
+    return lambda: held_out.kid(pipeline, config.validation_inference_steps, config.validation_guidance_scale)
