@@ -1,6 +1,8 @@
-"""What the denoiser trainers measure on held-out data, on draws fixed once: the validation loss
-every `validation_steps` (kohya's and SimpleTuner's signal: it moves only when the model does), the
-latent bits/dim bound every `evaluation_steps` and at the end, and the best step so far.
+"""What the trainers measure on held-out data, on draws fixed once: the validation loss every
+`validation_steps` (kohya's and SimpleTuner's signal: it moves only when the model does) and at the
+end, with the best step so far; for train_unet.py also the latent bits/dim bound every
+`evaluation_steps` and at the end, and KID of a small fixed sample with `inception_weights`; for
+distill.py its method's own loss instead of the denoising one.
 
 The held-out images are the first `validation_loss_samples` of the validation split, encoded once
 through the latent cache (center crops, no flips). Their captions are encoded at each evaluation by
