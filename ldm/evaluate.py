@@ -211,6 +211,9 @@ def table(report: dict) -> str:
             entry = report["by_guidance"][scale][key]
             cells.append(f"{entry['value']:.4f}" + (f" ± {entry['std']:.4f}" if entry.get("std") else ""))
         lines.append(f"| {report['by_guidance'][scales[0]][key]['name']} | " + " | ".join(cells) + " |")
+    seconds = [" / ".join(f"{report['by_guidance'][scale].get(name, 0):.0f}" for name in (
+        "drawing_seconds", "inception_seconds", "clip_seconds")) for scale in scales]
+    lines.append("| seconds: drawing / Inception metrics / CLIP score | " + " | ".join(seconds) + " |")
     skips = dict(report["skipped"])
     if "skipped" in denoising:
         skips["held-out loss, latent bits/dim"] = denoising["skipped"]
