@@ -37,7 +37,7 @@ def held_out_loss(pipeline: LatentDiffusionPipeline, scheduler: DDPMScheduler, m
     """The training loss of `pipeline`'s UNet on the images' posteriors, at draws fixed by `seed`."""
     held_out = HeldOutSet.from_posterior(mean.to(pipeline.device), std.to(pipeline.device),
                                          caption_embeddings(pipeline, captions), scheduler, pipeline.vae.config,
-                                         seed=seed, bins=bins)
+                                         seed=seed, bins=min(bins, scheduler.config.num_train_timesteps))
     return held_out.evaluate(unet_predictor(pipeline.unet))
 
 
@@ -47,6 +47,7 @@ def latent_bound(pipeline: LatentDiffusionPipeline, scheduler: DDPMScheduler, me
     this VAE, which moves with its scaling_factor and shift_factor (the result carries both)."""
     vae = pipeline.vae.config
     latents = normalise_latents(mean.to(pipeline.device), vae)
+    strata = min(strata, scheduler.config.num_train_timesteps - 1)  # a short schedule has fewer timesteps
     return variational_bound(unet_predictor(pipeline.unet), latents, scheduler, strata=strata, seed=seed,
                              conditioning=caption_embeddings(pipeline, captions),
                              scaling_factor=vae.scaling_factor, shift_factor=vae.get("shift_factor"))
