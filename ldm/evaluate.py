@@ -48,6 +48,7 @@ from ldm.generation.config import GenerateConfig
 from ldm.generation.loading import configure, load_model, settle
 from ldm.generation.output import draw, image_jobs, in_batches
 from ldm.hub.files import read_distillation
+from ldm.pipelines.latent_diffusion import scaled_lora_layers
 
 logger = logging.getLogger(__name__)
 
@@ -145,11 +146,14 @@ def denoising_numbers(config: EvaluateConfig, pipe, data: DataConfig, rows, capt
         rows.select(range(count)), data, train=False)])
     mean, std = posteriors(pipe, pixels)
     schedule = DDPMScheduler.from_config(pipe.scheduler.config)
-    start = time.perf_counter()
-    loss = held_out_loss(pipe, schedule, mean, std, captions[:count], config.seed, bins=10)
-    loss_seconds, start = time.perf_counter() - start, time.perf_counter()
-    bound_count = min(config.bound_samples, count)
-    bound = latent_bound(pipe, schedule, mean[:bound_count], captions[:bound_count], config.bound_strata, config.seed)
+    # The UNet is called directly here, not through the pipeline: --lora_scale is applied as the pipeline would.
+    with scaled_lora_layers(pipe.unet, config.lora_scale), scaled_lora_layers(pipe.text_encoder, config.lora_scale):
+        start = time.perf_counter()
+        loss = held_out_loss(pipe, schedule, mean, std, captions[:count], config.seed, bins=10)
+        loss_seconds, start = time.perf_counter() - start, time.perf_counter()
+        bound_count = min(config.bound_samples, count)
+        bound = latent_bound(pipe, schedule, mean[:bound_count], captions[:bound_count], config.bound_strata,
+                             config.seed)
     return {"held_out_loss": loss.loss, "held_out_loss_by_bin": loss.by_bin, "held_out_images": loss.count,
             "held_out_loss_seconds": loss_seconds, "latent_bits_per_dim": bound.bits_per_dim,
             "latent_bits_per_dim_se": bound.standard_error, "bound_images": bound.samples,

@@ -13,6 +13,9 @@ import pytest
 import torch
 
 from ldm import evaluate
+from ldm.export import export_onnx
+from ldm.hub.files import DISTILLATION
+from ldm.models.lora import add_adapters, save_adapters
 from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
 from tests.test_train_vae import write_imagefolder
 
@@ -49,12 +52,18 @@ def reference(tmp_path_factory):
     return str(folder)
 
 
-def run(model_dir, reference, tmp_path, *flags):
+def run(model_dir, reference, tmp_path, *flags, steps: str | None = "2"):
     out = tmp_path / "evaluation"
     code = evaluate.main([model_dir, "--reference", reference, "--num_samples", "8", "--batch_size", "8",
-                          "--num_inference_steps", "2", "--validation_loss_samples", "8", "--bound_samples", "4",
-                          "--bound_strata", "4", "--output_dir", str(out), *flags])
+                          *(["--num_inference_steps", steps] if steps else []), "--validation_loss_samples", "8",
+                          "--bound_samples", "4", "--bound_strata", "4", "--output_dir", str(out), *flags])
     return code, out / "evaluation.json"
+
+
+def report(model_dir, reference, tmp_path, *flags, steps: str | None = "2") -> dict:
+    code, written = run(model_dir, reference, tmp_path, *flags, steps=steps)
+    assert code == 0
+    return json.loads(written.read_text())
 
 
 def test_the_denoising_numbers_come_with_the_skipped_metrics_named(model_dir, reference, tmp_path, capsys):
@@ -133,3 +142,61 @@ def test_too_few_images_for_a_metric_fail_before_any_model_loads(model_dir, refe
     code, _ = run(model_dir, reference, tmp_path, "--num_samples", "4", "--inception_weights", inception_file)
     assert code == 2
     assert "4 images per set are too few: precision/recall (nearest_k + 2) needs 7" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def lora_weights(model_dir, tmp_path_factory):
+    """Adapters on the tiny UNet's attention projections, moved well away from zero (B starts at zero)."""
+    pipe = LatentDiffusionPipeline.from_pretrained(model_dir)
+    add_adapters(pipe.unet, rank=4, alpha=None, targets=["to_q", "to_k", "to_v", "to_out.0"])
+    torch.manual_seed(1)
+    for name, parameter in pipe.unet.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_(std=0.3)
+    return save_adapters(str(tmp_path_factory.mktemp("lora")), pipe.unet)
+
+
+def test_a_lora_is_scored_and_drawn_at_its_scale(model_dir, reference, tmp_path, lora_weights, inception_file,
+                                                 isolated_cache):
+    def numbers(*flags):
+        measured = report(model_dir, reference, tmp_path, "--guidance", "3", "--inception_weights", inception_file,
+                          "--feature_size", "64", *flags)
+        return measured["denoising"]["held_out_loss"], measured["by_guidance"]["3"]["fid"]["value"]
+
+    base = numbers()
+    adapted = numbers("--lora", lora_weights)
+    switched_off = numbers("--lora", lora_weights, "--lora_scale", "0")
+    assert adapted[0] != pytest.approx(base[0], rel=1e-3) and adapted[1] != pytest.approx(base[1], rel=1e-3)
+    # At scale 0 the adapters add nothing: the UNet the loss calls directly is scaled as the pipeline's is.
+    assert switched_off == pytest.approx(base, rel=1e-6)
+
+
+def test_an_onnx_export_draws_the_pytorch_model_s_images(model_dir, reference, tmp_path, inception_file,
+                                                         isolated_cache):
+    export_onnx(model_dir, str(tmp_path / "onnx"))
+    flags = ["--guidance", "3", "--inception_weights", inception_file, "--feature_size", "64"]
+    exported = report(str(tmp_path / "onnx"), reference, tmp_path, "--backend", "onnx", *flags)
+    native = report(model_dir, reference, tmp_path, *flags)
+    assert exported["settings"]["backend"] == "onnx" and exported["settings"]["resolution"] == 16
+    assert "ONNX export has no PyTorch UNet" in exported["denoising"]["skipped"]
+    assert exported["by_guidance"]["3"]["fid"]["value"] == pytest.approx(native["by_guidance"]["3"]["fid"]["value"],
+                                                                         rel=0.01)
+
+
+def test_a_distilled_student_is_drawn_with_its_own_steps_and_guidance(model_dir, reference, tmp_path):
+    from diffusers import LCMScheduler, UNet2DConditionModel
+
+    from tests.conftest import TINY_UNET
+
+    student = LatentDiffusionPipeline.from_pretrained(model_dir)
+    torch.manual_seed(0)
+    student.unet = UNet2DConditionModel.from_config({**TINY_UNET, "time_cond_proj_dim": 8})
+    student.scheduler = LCMScheduler.from_config(student.scheduler.config)
+    folder = tmp_path / "student"
+    student.save_pretrained(folder)
+    (folder / DISTILLATION).write_text(json.dumps({"method": "lcm", "teacher": model_dir, "num_inference_steps": 3,
+                                                   "guidance_scale": 4.0}))
+    measured = report(str(folder), reference, tmp_path, steps=None)
+    assert measured["settings"]["distilled"]["method"] == "lcm"
+    assert list(measured["by_guidance"]) == ["4"] and measured["by_guidance"]["4"]["steps"] == 3
+    assert "takes the guidance scale as an input" in measured["denoising"]["skipped"]
