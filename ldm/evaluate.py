@@ -25,7 +25,7 @@ from importlib.metadata import version
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
@@ -34,6 +34,7 @@ from ldm.data.captions import caption_list
 from ldm.data.config import DataConfig
 from ldm.data.dataset import ImageCaptionDataset, load_splits
 from ldm.data.openmoji import default_cache_dir
+from ldm.diffusion.objective import trained_schedule
 from ldm.evaluation.clip_score import clip_score, load_clip
 from ldm.evaluation.config import EvaluateConfig
 from ldm.evaluation.denoising import held_out_loss, latent_bound, posteriors
@@ -44,6 +45,7 @@ from ldm.evaluation.image_metrics import (
     image_metrics,
     reference_features,
 )
+from ldm.evaluation.likelihood import BoundUndefined
 from ldm.generation.config import GenerateConfig
 from ldm.generation.loading import configure, load_model, settle
 from ldm.generation.output import draw, image_jobs, in_batches
@@ -145,17 +147,21 @@ def denoising_numbers(config: EvaluateConfig, pipe, data: DataConfig, rows, capt
     pixels = torch.stack([sample["pixel_values"] for sample in ImageCaptionDataset.from_config(
         rows.select(range(count)), data, train=False)])
     mean, std = posteriors(pipe, pixels)
-    schedule = DDPMScheduler.from_config(pipe.scheduler.config)
+    schedule = trained_schedule(pipe.scheduler.config)
     # The UNet is called directly here, not through the pipeline: --lora_scale is applied as the pipeline would.
     with scaled_lora_layers(pipe.unet, config.lora_scale), scaled_lora_layers(pipe.text_encoder, config.lora_scale):
         start = time.perf_counter()
         loss = held_out_loss(pipe, schedule, mean, std, captions[:count], config.seed, bins=10)
         loss_seconds, start = time.perf_counter() - start, time.perf_counter()
+        numbers = {"held_out_loss": loss.loss, "held_out_loss_by_bin": loss.by_bin, "held_out_images": loss.count,
+                   "held_out_loss_seconds": loss_seconds}
         bound_count = min(config.bound_samples, count)
-        bound = latent_bound(pipe, schedule, mean[:bound_count], captions[:bound_count], config.bound_strata,
-                             config.seed)
-    return {"held_out_loss": loss.loss, "held_out_loss_by_bin": loss.by_bin, "held_out_images": loss.count,
-            "held_out_loss_seconds": loss_seconds, "latent_bits_per_dim": bound.bits_per_dim,
+        try:
+            bound = latent_bound(pipe, schedule, mean[:bound_count], captions[:bound_count], config.bound_strata,
+                                 config.seed)
+        except BoundUndefined as reason:
+            return {**numbers, "bound_skipped": str(reason)}
+    return {**numbers, "latent_bits_per_dim": bound.bits_per_dim,
             "latent_bits_per_dim_se": bound.standard_error, "bound_images": bound.samples,
             "bound_model_calls_per_image": bound.timesteps_per_sample, "bound_seconds": time.perf_counter() - start,
             "scaling_factor": bound.scaling_factor, "shift_factor": bound.shift_factor}
@@ -204,6 +210,7 @@ def table(report: dict) -> str:
     if "held_out_loss" in denoising:
         lines.append(f"| held-out loss ({denoising['held_out_images']} images) | "
                      + " | ".join([f"{denoising['held_out_loss']:.5f}"] * len(scales)) + " |")
+    if "latent_bits_per_dim" in denoising:
         lines.append(f"| latent bits/dim (scaling {denoising['scaling_factor']:.4g}, shift "
                      f"{denoising['shift_factor'] or 0:g}; {denoising['bound_images']} images) | "
                      + " | ".join([f"{denoising['latent_bits_per_dim']:.4f} ± "
@@ -221,6 +228,8 @@ def table(report: dict) -> str:
     skips = dict(report["skipped"])
     if "skipped" in denoising:
         skips["held-out loss, latent bits/dim"] = denoising["skipped"]
+    if "bound_skipped" in denoising:
+        skips["latent bits/dim"] = denoising["bound_skipped"]
     lines += [f"| {name} | skipped: {reason} |" + " |" * (len(scales) - 1) for name, reason in skips.items()]
     return "\n".join(lines)
 

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
 from diffusers import DDPMScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-PredictionType = Literal["epsilon", "v_prediction", "sample"]
+from ldm.diffusion import flow
+
+PredictionType = Literal["epsilon", "v_prediction", "sample", "flow_prediction"]
+PREDICTION_TYPES = "epsilon, v_prediction, sample, flow_prediction"
+# diffusers' SD3 loss weightings (training_utils.compute_loss_weighting_for_sd3), for flow only
+WeightingScheme = Literal["none", "sigma_sqrt", "cosmap", "logit_normal"]
 
 
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"]
@@ -16,16 +23,20 @@ SAMPLERS_KNOW = ("linear", "scaled_linear", "squaredcos_cap_v2")  # every diffus
 
 def noise_scheduler(prediction_type: PredictionType, zero_terminal_snr: bool = False,
                     beta_schedule: BetaSchedule = "scaled_linear", beta_start: float = 0.00085,
-                    beta_end: float = 0.012, num_train_timesteps: int = 1000) -> DDPMScheduler:
-    """The DDPM noise schedule: Stable Diffusion's scaled-linear one by default; linear (Ho et al.
-    2020), cosine (`squaredcos_cap_v2`, Nichol & Dhariwal 2021) or sigmoid (Jabri et al. 2022).
-    Samplers are built from this config, so the saved pipeline samples on the same schedule. Only
-    DDPMScheduler knows the sigmoid one, so its betas also go into the config as `trained_betas`,
-    which every sampler reads instead of its own schedule.
+                    beta_end: float = 0.012, num_train_timesteps: int = 1000,
+                    flow_shift: float = 1.0) -> SchedulerMixin:
+    """The training schedule. For flow_prediction, the flow sampler the pipeline saves (ldm/diffusion/flow.py),
+    whose config carries the shift; the betas do not apply. Otherwise the DDPM noise schedule: Stable
+    Diffusion's scaled-linear one by default; linear (Ho et al. 2020), cosine (`squaredcos_cap_v2`, Nichol &
+    Dhariwal 2021) or sigmoid (Jabri et al. 2022). Samplers are built from this config, so the saved
+    pipeline samples on the same schedule. Only DDPMScheduler knows the sigmoid one, so its betas also go
+    into the config as `trained_betas`, which every sampler reads instead of its own schedule.
 
     `zero_terminal_snr` rescales the betas so the last step is pure noise (Lin et al. 2023,
     "Common Diffusion Noise Schedules and Sample Steps are Flawed"); pair it with v-prediction.
     """
+    if prediction_type == flow.FLOW_PREDICTION:
+        return flow.flow_scheduler(num_train_timesteps, flow_shift)
     # steps_offset=1 and clip_sample=False are SD v1's values; StableDiffusionPipeline rewrites
     # others when it loads a folder, and would then draw other images than ours.
     options = dict(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, beta_start=beta_start,
@@ -33,6 +44,23 @@ def noise_scheduler(prediction_type: PredictionType, zero_terminal_snr: bool = F
     if beta_schedule not in SAMPLERS_KNOW:
         options["trained_betas"] = DDPMScheduler(**options).betas.tolist()  # before any zero-SNR rescale
     return DDPMScheduler(**options, rescale_betas_zero_snr=zero_terminal_snr)
+
+
+def trained_schedule(scheduler_config) -> SchedulerMixin:
+    """The training schedule behind a pipeline's scheduler config, whichever sampler that config is of."""
+    shift = flow.flow_shift_of(scheduler_config)
+    if shift is not None:
+        return flow.flow_scheduler(scheduler_config["num_train_timesteps"], shift)
+    return DDPMScheduler.from_config(scheduler_config)
+
+
+def is_flow(scheduler: SchedulerMixin) -> bool:
+    return scheduler.config.get("prediction_type") == flow.FLOW_PREDICTION
+
+
+def sigmas(scheduler: SchedulerMixin, timesteps: torch.Tensor) -> torch.Tensor:
+    """A flow schedule's σ at each integer training timestep."""
+    return flow.training_sigmas(timesteps, scheduler.config.num_train_timesteps, scheduler.config.flow_shift)
 
 
 def sample_noise(latents: torch.Tensor, offset: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -45,7 +73,7 @@ def sample_noise(latents: torch.Tensor, offset: float = 0.0, generator: torch.Ge
     return noise
 
 
-def noised(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+def noised(scheduler: SchedulerMixin, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
            input_perturbation: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
     """x_t from x_0. With `input_perturbation`, x_t uses slightly different noise than the target,
     which reduces the train/test exposure bias (Ning et al. 2023, "Input Perturbation Reduces
@@ -53,24 +81,39 @@ def noised(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor,
     if input_perturbation:
         noise = noise + input_perturbation * torch.randn(noise.shape, generator=generator,
                                                          dtype=noise.dtype, device=noise.device)
+    if is_flow(scheduler):
+        sigma = _per_sample(sigmas(scheduler, timesteps), latents)
+        return (1 - sigma) * latents + sigma * noise
     return scheduler.add_noise(latents, noise, timesteps)
 
 
-def target(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor,
+def model_timesteps(scheduler: SchedulerMixin, timesteps: torch.Tensor) -> torch.Tensor:
+    """The UNet's timestep input: t itself, or for flow σ_t·T (floats), as flow samplers pass it."""
+    if is_flow(scheduler):
+        return sigmas(scheduler, timesteps) * scheduler.config.num_train_timesteps
+    return timesteps
+
+
+def target(scheduler: SchedulerMixin, latents: torch.Tensor, noise: torch.Tensor,
            timesteps: torch.Tensor) -> torch.Tensor:
     """What the UNet learns to output for the scheduler's prediction type."""
     kind = scheduler.config.prediction_type
+    if kind == flow.FLOW_PREDICTION:
+        return noise - latents
     if kind == "epsilon":
         return noise
     if kind == "v_prediction":
         return scheduler.get_velocity(latents, noise, timesteps)
     if kind == "sample":
         return latents
-    raise ValueError(f"prediction_type {kind!r} is not one of epsilon, v_prediction, sample")
+    raise ValueError(f"prediction_type {kind!r} is not one of {PREDICTION_TYPES}")
 
 
-def snr(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
-    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at each timestep."""
+def snr(scheduler: SchedulerMixin, timesteps: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at each timestep; ((1 - σ) / σ)² for flow."""
+    if is_flow(scheduler):
+        sigma = sigmas(scheduler, timesteps)
+        return ((1 - sigma) / sigma).square()
     alpha_bar = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
     return alpha_bar / (1 - alpha_bar)
 
@@ -80,8 +123,10 @@ def min_snr_weights(snr_values: torch.Tensor, gamma: float, prediction_type: Pre
     Weighting Strategy").
 
     The recipe weights the x_0 error by min(SNR, gamma). Each prediction type's plain MSE already
-    carries an implicit weight on that error: SNR for epsilon, SNR + 1 for v, 1 for sample. So the
-    weight that turns each MSE into min(SNR, gamma)·|x_0 error|² is min(SNR, gamma) divided by it.
+    carries an implicit weight on that error: SNR for epsilon, SNR + 1 for v, 1 for sample, and 1/σ² for
+    flow (x̂₀ = x_t − σ·v̂, so |v̂ − v|² = |x̂₀ − x₀|²/σ², and 1/σ² = (1 + √SNR)²). So the weight that turns
+    each MSE into min(SNR, gamma)·|x_0 error|² is min(SNR, gamma) divided by it: for flow
+    min(SNR, gamma)·σ² = min((1 − σ)², gamma·σ²), which is 0 at pure noise, as for v.
     """
     clipped = torch.clamp(snr_values, max=gamma)
     if prediction_type == "epsilon":
@@ -91,7 +136,29 @@ def min_snr_weights(snr_values: torch.Tensor, gamma: float, prediction_type: Pre
         return clipped / (snr_values + 1)
     if prediction_type == "sample":
         return clipped
-    raise ValueError(f"prediction_type {prediction_type!r} is not one of epsilon, v_prediction, sample")
+    if prediction_type == flow.FLOW_PREDICTION:
+        return clipped / (1 + snr_values.sqrt()).square()
+    raise ValueError(f"prediction_type {prediction_type!r} is not one of {PREDICTION_TYPES}")
+
+
+def sd3_weights(sigma: torch.Tensor, weighting_scheme: str) -> torch.Tensor:
+    """diffusers' SD3 loss weights: `sigma_sqrt` σ⁻², `cosmap` 2 / (π(1 − 2σ + 2σ²)) (SD3 §3.1), else 1
+    (`logit_normal` is a timestep density, drawn by the timestep sampler instead)."""
+    if weighting_scheme == "sigma_sqrt":
+        return sigma.float().pow(-2)
+    if weighting_scheme == "cosmap":
+        return 2 / (math.pi * (1 - 2 * sigma.float() + 2 * sigma.float().square()))
+    return torch.ones_like(sigma, dtype=torch.float32)
+
+
+def loss_weights(scheduler: SchedulerMixin, timesteps: torch.Tensor, snr_gamma: float | None,
+                 weighting_scheme: str = "none") -> torch.Tensor:
+    """Each sample's loss weight: min-SNR-gamma's, or for flow an SD3 weighting (the two are not combined)."""
+    if snr_gamma:
+        return min_snr_weights(snr(scheduler, timesteps), snr_gamma, scheduler.config.prediction_type)
+    if is_flow(scheduler):
+        return sd3_weights(sigmas(scheduler, timesteps), weighting_scheme)
+    return torch.ones(timesteps.shape, device=timesteps.device)
 
 
 def loss_by_timestep_bin(per_sample_loss: torch.Tensor, timesteps: torch.Tensor, num_train_timesteps: int,
@@ -134,6 +201,11 @@ def denormalise_latents(latents: torch.Tensor, vae_config) -> torch.Tensor:
     """The inverse of `normalise_latents`: what the VAE decoder takes."""
     shift, scale = latent_normalisation(vae_config)
     return latents / _on(scale, latents) + _on(shift, latents)
+
+
+def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """One value per sample, shaped to broadcast over `like` [N, ...], in its dtype."""
+    return values.to(like.dtype).view(-1, *[1] * (like.dim() - 1))
 
 
 def _on(value, like: torch.Tensor):

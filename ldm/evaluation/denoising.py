@@ -5,12 +5,12 @@ reports them for a saved model. Both condition the UNet on each image's own capt
 from __future__ import annotations
 
 import torch
-from diffusers import DDPMScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ldm.data.captions import tokenize
 from ldm.diffusion.objective import normalise_latents
 from ldm.evaluation.held_out import HeldOutLoss, HeldOutSet
-from ldm.evaluation.likelihood import LikelihoodBound, unet_predictor, variational_bound
+from ldm.evaluation.likelihood import LikelihoodBound, check_bound_applies, unet_predictor, variational_bound
 from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
 
 
@@ -32,7 +32,7 @@ def posteriors(pipeline: LatentDiffusionPipeline, pixel_values: torch.Tensor,
     return torch.cat(means), torch.cat(stds)
 
 
-def held_out_loss(pipeline: LatentDiffusionPipeline, scheduler: DDPMScheduler, mean: torch.Tensor,
+def held_out_loss(pipeline: LatentDiffusionPipeline, scheduler: SchedulerMixin, mean: torch.Tensor,
                   std: torch.Tensor, captions: list[str], seed: int, bins: int) -> HeldOutLoss:
     """The training loss of `pipeline`'s UNet on the images' posteriors, at draws fixed by `seed`."""
     held_out = HeldOutSet.from_posterior(mean.to(pipeline.device), std.to(pipeline.device),
@@ -41,10 +41,12 @@ def held_out_loss(pipeline: LatentDiffusionPipeline, scheduler: DDPMScheduler, m
     return held_out.evaluate(unet_predictor(pipeline.unet))
 
 
-def latent_bound(pipeline: LatentDiffusionPipeline, scheduler: DDPMScheduler, mean: torch.Tensor,
+def latent_bound(pipeline: LatentDiffusionPipeline, scheduler: SchedulerMixin, mean: torch.Tensor,
                  captions: list[str], strata: int, seed: int) -> LikelihoodBound:
     """Latent bits/dim of the posterior means under `pipeline`'s UNet: a bound on the density of the latents of
-    this VAE, which moves with its scaling_factor and shift_factor (the result carries both)."""
+    this VAE, which moves with its scaling_factor and shift_factor (the result carries both). A flow model has
+    none: BoundUndefined says so before any model runs."""
+    check_bound_applies(scheduler.config.prediction_type)
     vae = pipeline.vae.config
     latents = normalise_latents(mean.to(pipeline.device), vae)
     strata = min(strata, scheduler.config.num_train_timesteps - 1)  # a short schedule has fewer timesteps

@@ -19,7 +19,7 @@ from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ldm.diffusion import objective
 
@@ -55,14 +55,15 @@ class HeldOutSet:
 
     noisy: torch.Tensor
     target: torch.Tensor
-    timesteps: torch.Tensor
+    timesteps: torch.Tensor  # integer training timesteps: the bins
+    model_timesteps: torch.Tensor  # what the model is given for them (σ·T for flow)
     embeddings: torch.Tensor | None
     num_train_timesteps: int
     bins: int
     batch_size: int
 
     @classmethod
-    def from_latents(cls, latents: torch.Tensor, embeddings: torch.Tensor | None, scheduler: DDPMScheduler, *,
+    def from_latents(cls, latents: torch.Tensor, embeddings: torch.Tensor | None, scheduler: SchedulerMixin, *,
                      seed: int = 0, bins: int = BINS, batch_size: int = 64) -> HeldOutSet:
         """From diffusion-space latents [N, C, h, w] (already normalised, as the UNet trains on them) and one
         embedding row per latent (None for an unconditional predictor). Draws noise and timesteps once."""
@@ -70,7 +71,7 @@ class HeldOutSet:
 
     @classmethod
     def from_posterior(cls, mean: torch.Tensor, std: torch.Tensor, embeddings: torch.Tensor | None,
-                       scheduler: DDPMScheduler, vae_config, *, seed: int = 0, bins: int = BINS,
+                       scheduler: SchedulerMixin, vae_config, *, seed: int = 0, bins: int = BINS,
                        batch_size: int = 64) -> HeldOutSet:
         """From the VAE posterior's mean and std (as training's `posterior(vae, batch)` gives them): draws one
         latent sample, mean + std·e, once, normalises it with the VAE's config as training does, then draws the
@@ -94,7 +95,7 @@ class HeldOutSet:
             for start in range(0, len(self.timesteps), self.batch_size):
                 rows = slice(start, start + self.batch_size)
                 embeddings = None if self.embeddings is None else self.embeddings[rows]
-                prediction = predict(self.noisy[rows], self.timesteps[rows], embeddings)
+                prediction = predict(self.noisy[rows], self.model_timesteps[rows], embeddings)
                 if prediction.shape != self.noisy[rows].shape:
                     raise ValueError(f"predict returned shape {tuple(prediction.shape)} for input "
                                      f"{tuple(self.noisy[rows].shape)}: it must return one prediction of that shape")
@@ -111,7 +112,7 @@ def summarise(per_sample: torch.Tensor, timesteps: torch.Tensor, num_train_times
                        count=len(per_sample), count_by_bin={b: n for b, (_, n) in sorted(by_bin.items())})
 
 
-def draw_held_out(latents: torch.Tensor, embeddings: torch.Tensor | None, scheduler: DDPMScheduler,
+def draw_held_out(latents: torch.Tensor, embeddings: torch.Tensor | None, scheduler: SchedulerMixin,
                   generator: torch.Generator, bins: int, batch_size: int) -> HeldOutSet:
     """Timesteps, then noise, from the CPU `generator` (the same draws on any device); the noisy latents and
     targets made from them as training makes its own."""
@@ -128,6 +129,7 @@ def draw_held_out(latents: torch.Tensor, embeddings: torch.Tensor | None, schedu
     noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
     return HeldOutSet(noisy=objective.noised(scheduler, latents, noise, timesteps),
                       target=objective.target(scheduler, latents, noise, timesteps), timesteps=timesteps,
+                      model_timesteps=objective.model_timesteps(scheduler, timesteps),
                       embeddings=embeddings, num_train_timesteps=num_timesteps, bins=bins, batch_size=batch_size)
 
 

@@ -61,6 +61,18 @@ VARIANCES = ("fixed_large", "fixed_small")
 SPACINGS = ("log", "uniform")  # of the strata over t = 1..T−1
 
 Predict = Callable[..., torch.Tensor]  # predict(noisy_latents, timesteps[, embeddings]) -> prediction
+NO_FLOW_BOUND = ("the latent bits/dim bound is a DDPM's discrete-time variational bound, and a flow_prediction "
+                 "model has no beta schedule to take it over (its likelihood needs the probability-flow ODE's "
+                 "change of variables, which is not implemented)")
+
+
+class BoundUndefined(ValueError):
+    """The bound does not apply to the model; the message says why (callers report it as skipped)."""
+
+
+def check_bound_applies(prediction_type: str) -> None:
+    if prediction_type == "flow_prediction":
+        raise BoundUndefined(NO_FLOW_BOUND)
 
 
 class LikelihoodBound(NamedTuple):
@@ -213,6 +225,7 @@ def check_bound_inputs(latents: torch.Tensor, scheduler: DDPMScheduler, strata: 
                        variance: str, batch_size: int, conditioning: torch.Tensor | None,
                        spacing: str = "log") -> None:
     """Fail before the first model call, naming the bad value and what is valid."""
+    check_bound_applies(prediction_type)
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type {prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}")
     if variance not in VARIANCES:

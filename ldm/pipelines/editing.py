@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 
 from ldm.diffusion.objective import normalise_latents
+from ldm.diffusion.schedulers import add_noise, init_noise_sigma
 
 
 class ImageEditing:
@@ -103,9 +104,9 @@ class ImageEditing:
         image_latents = image_latents.to(dtype).repeat(num_images // image_latents.shape[0], 1, 1, 1)
         noise = randn_tensor(image_latents.shape, generator=generator, device=device, dtype=dtype)
         if inpainting and strength == 1.0:
-            latents = noise * self.scheduler.init_noise_sigma  # from pure noise, as text-to-image starts
+            latents = noise * init_noise_sigma(self.scheduler)  # from pure noise, as text-to-image starts
         else:
-            latents = self.scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(num_images))
+            latents = add_noise(self.scheduler, image_latents, noise, timesteps[:1].repeat(num_images))
         if inpainting:
             # diffusers' inpaint pipeline also samples the posterior of the masked image, which only a
             # 9-channel inpainting UNet reads. Draw as many numbers, so any later draw from the same
@@ -127,8 +128,8 @@ class ImageEditing:
         """Inpainting with an ordinary UNet: outside the mask, put back the image's latents noised to
         the level of the next step (clean after the last one), so only the masked region is redrawn
         while the model sees it in context."""
-        known = image_latents if next_timestep is None else self.scheduler.add_noise(
-            image_latents, noise, next_timestep.reshape(1))
+        known = image_latents if next_timestep is None else add_noise(
+            self.scheduler, image_latents, noise, next_timestep.reshape(1))
         return (1 - mask) * known + mask * latents
 
     def pil_to_decoded(self, images: list[PIL.Image.Image]) -> torch.Tensor:

@@ -31,6 +31,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm.data.captions import tokenize
+from ldm.diffusion import schedulers
 from ldm.diffusion.consistency import guidance_embedding
 from ldm.diffusion.objective import denormalise_latents
 from ldm.diffusion.schedulers import make_scheduler
@@ -142,7 +143,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin,
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"`latents` has shape {tuple(latents.shape)}, expected {shape}")
-        return latents.to(device, dtype) * self.scheduler.init_noise_sigma
+        return latents.to(device, dtype) * schedulers.init_noise_sigma(self.scheduler)
 
     def scheduler_step_kwargs(self, generator, eta: float) -> dict:
         """The optional arguments this scheduler's `step` takes: `eta` (DDIM's stochasticity,
@@ -165,7 +166,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin,
         """
         guided = embeddings.shape[0] == 2 * latents.shape[0]
         model_input = torch.cat([latents, latents]) if guided else latents
-        model_input = self.scheduler.scale_model_input(model_input, t)
+        model_input = schedulers.scale_model_input(self.scheduler, model_input, t)
         prediction = unet(model_input.to(embeddings.dtype), t, encoder_hidden_states=embeddings,
                           timestep_cond=timestep_cond, cross_attention_kwargs=cross_attention_kwargs,
                           return_dict=False)[0].to(latents.dtype)
@@ -281,7 +282,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin,
         num_images = prompt_embeds.shape[0]
 
         # 3. Timesteps: all of them, or an edit's last `strength` of them.
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        schedulers.set_timesteps(self.scheduler, num_inference_steps, device)
         timesteps = self.scheduler.timesteps if image is None else self.edit_timesteps(num_inference_steps, strength)
 
         # 4. Initial latents: noise, or the image noised to the first timestep; an inpainting mask.

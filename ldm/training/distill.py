@@ -38,7 +38,7 @@ from ldm.diffusion.consistency import (
 from ldm.hub.files import DISTILLATION, HubError, find_model
 from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
 from ldm.training.checkpoints import find_checkpoint, save_run_config
-from ldm.training.distill_config import DistillConfig
+from ldm.training.distill_config import DistillConfig, check_teacher_schedule
 from ldm.training.evaluation import held_out_images, log_distillation_loss, summary
 from ldm.training.latent_batches import cached_empty_prompt, posterior, training_data
 from ldm.training.loop import (
@@ -354,10 +354,7 @@ def load_teacher(config: DistillConfig) -> LatentDiffusionPipeline:
         raise ConfigError(f"teacher {config.teacher!r} is not a pipeline folder (no model_index.json): give a "
                           "train_unet.py output_dir or a pipeline's Hub id, which generate.py loads")
     teacher = LatentDiffusionPipeline.from_pretrained(config.teacher, revision=config.revision)
-    schedule = teacher.scheduler.config
-    if schedule.get("rescale_betas_zero_snr") and schedule.prediction_type == "epsilon":
-        raise ConfigError(f"teacher {config.teacher!r} predicts epsilon on a zero-terminal-SNR schedule: x0 cannot "
-                          "be recovered from its last timestep (alpha_cumprod 0); distil a v-prediction teacher")
+    check_teacher_schedule(config.teacher, teacher.scheduler.config)
     for model in (teacher.unet, teacher.vae, teacher.text_encoder):
         model.eval().requires_grad_(False)
     return teacher

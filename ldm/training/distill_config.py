@@ -6,8 +6,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from ldm.config import require
+from ldm.config import ConfigError, require
 from ldm.data.config import CacheConfig
+from ldm.diffusion.flow import flow_shift_of
 from ldm.training.config import HeldOutConfig, TrainConfig
 
 
@@ -84,3 +85,14 @@ class DistillConfig(TrainConfig, CacheConfig, HeldOutConfig):
                     "(2, 4, 8, ...): each stage halves the steps")
             require(self.max_train_steps >= math.log2(halvings), "max_train_steps", self.max_train_steps,
                     f"at least one step per stage ({math.log2(halvings):g} stages)")
+
+
+def check_teacher_schedule(teacher: str, schedule) -> None:
+    """The teacher schedules the methods cannot distil, from the teacher's scheduler config."""
+    if flow_shift_of(schedule) is not None:
+        raise ConfigError(f"teacher {teacher!r} is a flow_prediction model: LCM and progressive distillation here "
+                          "step a DDPM schedule (alpha_cumprod), which a flow model has none of; distil an epsilon "
+                          "or v-prediction teacher")
+    if schedule.get("rescale_betas_zero_snr") and schedule.get("prediction_type") == "epsilon":
+        raise ConfigError(f"teacher {teacher!r} predicts epsilon on a zero-terminal-SNR schedule: x0 cannot "
+                          "be recovered from its last timestep (alpha_cumprod 0); distil a v-prediction teacher")

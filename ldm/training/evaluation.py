@@ -21,7 +21,7 @@ from collections.abc import Callable
 import datasets
 import torch
 from accelerate import Accelerator
-from diffusers import DDPMScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ldm.data.caches import load_or_build_latents
 from ldm.data.captions import caption_list
@@ -31,7 +31,7 @@ from ldm.diffusion.objective import normalise_latents
 from ldm.evaluation.denoising import caption_embeddings, held_out_loss, latent_bound
 from ldm.evaluation.held_out import HeldOutLoss, summarise
 from ldm.evaluation.image_metrics import ImageFeatures, InceptionFeatures, MetricResult, kid, to_uint8
-from ldm.evaluation.likelihood import LikelihoodBound
+from ldm.evaluation.likelihood import BoundUndefined, LikelihoodBound
 from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
 from ldm.training.distill_config import DistillConfig
 from ldm.training.unet_config import UNetConfig
@@ -57,11 +57,11 @@ class HeldOutImages:
     def __len__(self) -> int:
         return len(self.captions)
 
-    def loss(self, pipeline: LatentDiffusionPipeline, scheduler: DDPMScheduler) -> HeldOutLoss:
+    def loss(self, pipeline: LatentDiffusionPipeline, scheduler: SchedulerMixin) -> HeldOutLoss:
         return held_out_loss(pipeline, scheduler, self.mean, self.std, self.captions, self.config.seed,
                              self.config.loss_bins)
 
-    def bound(self, pipeline: LatentDiffusionPipeline, scheduler: DDPMScheduler) -> LikelihoodBound:
+    def bound(self, pipeline: LatentDiffusionPipeline, scheduler: SchedulerMixin) -> LikelihoodBound:
         count = min(self.config.bound_samples, len(self))
         return latent_bound(pipeline, scheduler, self.mean[:count], self.captions[:count], self.config.bound_strata,
                             self.config.seed)
@@ -148,20 +148,27 @@ def log_held_out(accelerator: Accelerator, held_out: HeldOutImages, step: int, l
                  bound: Callable[[], LikelihoodBound] | None = None,
                  kid_now: Callable[[], MetricResult] | None = None) -> dict:
     """Compute, log and return the held-out numbers at `step` (main process only): `loss()`, and `bound()` and
-    `kid_now()` when given, each timed."""
+    `kid_now()` when given, each timed. A bound that does not apply to the model (a flow model's) is reported as
+    skipped, with the reason, in the log and in the returned numbers."""
     start = time.perf_counter()
     result = loss()
     held_out.record(result.loss, step)
     numbers = {"validation/loss": result.loss, "validation/seconds": time.perf_counter() - start}
     numbers |= {f"validation/loss_by_timestep/bin_{b:02d}": value for b, value in result.by_bin.items()}
     message = f"step {step}: held-out loss {result.loss:.5f} over {result.count} images"
+    skipped = None
     if bound is not None:
         start = time.perf_counter()
-        measured = bound()
-        numbers |= {"validation/latent_bits_per_dim": measured.bits_per_dim,
-                    "validation/latent_bits_per_dim_se": measured.standard_error,
-                    "validation/bound_seconds": time.perf_counter() - start}
-        message += f"; latent bits/dim {measured.bits_per_dim:.4f} ± {measured.standard_error:.4f}"
+        try:
+            measured = bound()
+        except BoundUndefined as reason:
+            skipped = str(reason)
+            message += f"; latent bits/dim skipped: {skipped}"
+        else:
+            numbers |= {"validation/latent_bits_per_dim": measured.bits_per_dim,
+                        "validation/latent_bits_per_dim_se": measured.standard_error,
+                        "validation/bound_seconds": time.perf_counter() - start}
+            message += f"; latent bits/dim {measured.bits_per_dim:.4f} ± {measured.standard_error:.4f}"
     if kid_now is not None:
         start = time.perf_counter()
         distance = kid_now()
@@ -170,7 +177,7 @@ def log_held_out(accelerator: Accelerator, held_out: HeldOutImages, step: int, l
         message += f"; {distance.name} {distance.value:.4f} ± {distance.std:.4f} ({distance.count} images)"
     accelerator.log(numbers, step=step)
     logger.info(message)
-    return numbers
+    return numbers if skipped is None else {**numbers, "validation/latent_bits_per_dim_skipped": skipped}
 
 
 def log_distillation_loss(accelerator: Accelerator, held_out: HeldOutImages | None, teacher: LatentDiffusionPipeline,
@@ -199,4 +206,6 @@ def summary(held_out: HeldOutImages | None, final: dict) -> dict:
         numbers |= {"latent_bits_per_dim": final["validation/latent_bits_per_dim"],
                     "latent_bits_per_dim_se": final["validation/latent_bits_per_dim_se"],
                     "bound_seconds": final["validation/bound_seconds"]}
+    if "validation/latent_bits_per_dim_skipped" in final:
+        numbers["latent_bits_per_dim_skipped"] = final["validation/latent_bits_per_dim_skipped"]
     return {name: value for name, value in numbers.items() if not (isinstance(value, float) and math.isnan(value))}

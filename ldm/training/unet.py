@@ -86,7 +86,8 @@ def train(config: UNetConfig) -> dict:
     tokenizer, text_encoder = text_side(config, train_rows, accelerator, resuming)
     check_cross_attention(unet, text_encoder)
     noise_scheduler = objective.noise_scheduler(config.prediction_type, config.zero_terminal_snr, config.beta_schedule,
-                                                config.beta_start, config.beta_end, config.num_train_timesteps)
+                                                config.beta_start, config.beta_end, config.num_train_timesteps,
+                                                config.flow_shift)
     vae.to(accelerator.device)
     text_encoder.to(accelerator.device)
 
@@ -161,12 +162,10 @@ def train(config: UNetConfig) -> dict:
                                          generator)
                 conditioning = encode_captions(batch, tokenizer, text_encoder, empty, empty_ids,
                                                config.caption_dropout, generator)
-                prediction = unet(noisy, timesteps, conditioning).sample
+                prediction = unet(noisy, objective.model_timesteps(noise_scheduler, timesteps), conditioning).sample
                 target = objective.target(noise_scheduler, latents, noise, timesteps)
                 per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-                weights = (objective.min_snr_weights(objective.snr(noise_scheduler, timesteps), config.snr_gamma,
-                                                     config.prediction_type)
-                           if config.snr_gamma else torch.ones_like(per_sample))
+                weights = objective.loss_weights(noise_scheduler, timesteps, config.snr_gamma, config.weighting_scheme)
                 loss = (importance * weights * per_sample).mean()
                 check_finite(accelerator.reduce(loss.detach(), "mean"), global_step + 1)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -47,8 +48,16 @@ class UNetConfig(TrainConfig, CacheConfig, HeldOutConfig):
     lora_concept: Optional[str] = field(default=None, metadata={
         "help": "the words in the captions that call up what the adapter learnt, for the model card's instance_prompt"})
     output_dir: str = "outputs/unet"
-    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
-    snr_gamma: Optional[float] = field(default=5.0, metadata={"help": "min-SNR-gamma weighting; null turns it off"})
+    prediction_type: Literal["epsilon", "v_prediction", "sample", "flow_prediction"] = field(
+        default="epsilon", metadata={"help": "what the UNet predicts: the noise, v, x0, or (flow_prediction) "
+                                             "the velocity noise - x0 on x_t = (1 - sigma) x0 + sigma noise"})
+    flow_shift: float = field(default=1.0, metadata={
+        "help": "flow_prediction: sigma' = s sigma / (1 + (s - 1) sigma) for training and the saved sampler; "
+                "above 1 trains and samples noisier (SD3 uses 3 at 1024 px)"})
+    weighting_scheme: Literal["none", "sigma_sqrt", "cosmap", "logit_normal"] = field(default="none", metadata={
+        "help": "flow_prediction: diffusers' SD3 loss weighting (sigma_sqrt, cosmap; with --snr_gamma 0); "
+                "logit_normal is --timestep_sampling logit_normal"})
+    snr_gamma: Optional[float] = field(default=5.0, metadata={"help": "min-SNR-gamma weighting; 0 or null: off"})
     noise_offset: float = 0.0
     input_perturbation: float = 0.0
     zero_terminal_snr: bool = False
@@ -84,6 +93,8 @@ class UNetConfig(TrainConfig, CacheConfig, HeldOutConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.weighting_scheme == "logit_normal" and self.timestep_sampling == "uniform":
+            self.timestep_sampling = "logit_normal"  # diffusers' name for the density our sampler draws
         # A LoRA adapts a whole pipeline: its VAE and text side are the pipeline's unless told otherwise.
         adapted = self.pretrained_model_name_or_path if self.lora_rank is not None else None
         if self.pretrained_vae_model_name_or_path is None:
@@ -100,13 +111,15 @@ class UNetConfig(TrainConfig, CacheConfig, HeldOutConfig):
     def validate(self) -> None:
         super().validate()
         self.validate_lora()
+        self.validate_objective()
         if self.pretrained_model_name_or_path is None and not os.path.isfile(self.unet_config):
             raise ConfigError(f"unet_config {self.unet_config!r} is not a file; give a diffusers config.json "
                               "(see configs/models/) or --pretrained_model_name_or_path")
         if self.text_encoder_name_or_path is None and not os.path.isfile(self.text_encoder_config):
             raise ConfigError(f"text_encoder_config {self.text_encoder_config!r} is not a file")
         require(0 <= self.caption_dropout < 1, "caption_dropout", self.caption_dropout, "a fraction in [0, 1)")
-        require(self.snr_gamma is None or self.snr_gamma > 0, "snr_gamma", self.snr_gamma, "a positive number or null")
+        require(self.snr_gamma is None or self.snr_gamma >= 0, "snr_gamma", self.snr_gamma,
+                "a positive number, or 0 or null (off)")
         for name in ("noise_offset", "input_perturbation"):
             require(getattr(self, name) >= 0, name, getattr(self, name), "0 or more")
         for name in ("tokenizer_vocab_size", "tokenizer_max_length", "validation_inference_steps"):
@@ -137,6 +150,34 @@ class UNetConfig(TrainConfig, CacheConfig, HeldOutConfig):
     def uses_caches(self) -> bool:
         """A stream is read once, as it comes: nothing is cached."""
         return self.cache_latents and not self.streaming
+
+    @property
+    def is_flow(self) -> bool:
+        return self.prediction_type == "flow_prediction"
+
+    def validate_objective(self) -> None:
+        """The flow options, and the DDPM ones that mean nothing for flow."""
+        require(math.isfinite(self.flow_shift) and self.flow_shift > 0, "flow_shift", self.flow_shift,
+                "a positive number (1: no shift)")
+        if not self.is_flow:
+            require(self.flow_shift == 1.0, "flow_shift", self.flow_shift, "1 unless --prediction_type is "
+                    "flow_prediction")
+            require(self.weighting_scheme == "none", "weighting_scheme", self.weighting_scheme, "none unless "
+                    "--prediction_type is flow_prediction (use --timestep_sampling and --snr_gamma)")
+            return
+        require(not self.zero_terminal_snr, "zero_terminal_snr", True, "false with flow_prediction, whose last "
+                "sigma is already 1 (pure noise)")
+        for name in ("beta_schedule", "beta_start", "beta_end"):
+            default = type(self).__dataclass_fields__[name].default
+            require(getattr(self, name) == default, name, getattr(self, name), f"unset ({default!r}) with "
+                    "flow_prediction, which has no betas: --flow_shift shapes its schedule")
+        require(not (self.weighting_scheme == "logit_normal" and self.timestep_sampling != "logit_normal"),
+                "timestep_sampling", self.timestep_sampling, "logit_normal (or unset) with --weighting_scheme "
+                "logit_normal, which draws the timesteps from that density")
+        require(not (self.snr_gamma and self.weighting_scheme in ("sigma_sqrt", "cosmap")), "snr_gamma",
+                self.snr_gamma, f"0 with --weighting_scheme {self.weighting_scheme}: both weight the loss")
+        require(self.lora_rank is None, "lora_rank", self.lora_rank, "unset with flow_prediction: adapters load "
+                "into their base pipeline, which samples with its own (epsilon-type) scheduler")
 
     def validate_lora(self) -> None:
         """The LoRA settings, and the others they rule out. The target modules are checked against the
