@@ -200,3 +200,18 @@ def test_a_distilled_student_is_drawn_with_its_own_steps_and_guidance(model_dir,
     assert measured["settings"]["distilled"]["method"] == "lcm"
     assert list(measured["by_guidance"]) == ["4"] and measured["by_guidance"]["4"]["steps"] == 3
     assert "takes the guidance scale as an input" in measured["denoising"]["skipped"]
+
+
+@pytest.mark.parametrize("scheduler", [None, "flow_euler"])
+def test_a_flow_model_gets_its_held_out_loss_and_the_bound_skipped_with_the_reason(model_dir, reference, tmp_path,
+                                                                                    capsys, scheduler):
+    from ldm.diffusion.objective import noise_scheduler
+
+    flow = LatentDiffusionPipeline.from_pretrained(model_dir)
+    flow.scheduler = noise_scheduler("flow_prediction", flow_shift=2.0)
+    flow.save_pretrained(tmp_path / "flow")
+    measured = report(str(tmp_path / "flow"), reference, tmp_path, *(["--scheduler", scheduler] if scheduler else []))
+    denoising = measured["denoising"]
+    assert denoising["held_out_loss"] > 0 and "latent_bits_per_dim" not in denoising
+    assert "flow_prediction model has no beta schedule" in denoising["bound_skipped"]
+    assert "| latent bits/dim | skipped: the latent bits/dim bound is a DDPM's" in capsys.readouterr().out

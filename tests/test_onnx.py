@@ -18,6 +18,7 @@ from PIL import Image
 from transformers import CLIPTextModel
 
 import generate
+from ldm.diffusion.objective import noise_scheduler
 from ldm.export import export_onnx
 from ldm.export import main as export_main
 from ldm.models.text import text_encoder_config
@@ -154,6 +155,18 @@ def test_a_distilled_unet_exports_with_its_guidance_input(tmp_path, tiny_tokeniz
     assert [node.name for node in unet.graph.input][-1] == "timestep_cond"
     expected = draw(LatentDiffusionPipeline.from_pretrained(tmp_path / "lcm"), "lcm")
     drawn = draw(OnnxLatentDiffusionPipeline.from_pretrained(str(tmp_path / "lcm-onnx")), "lcm")
+    assert np.abs(drawn - expected).max() <= 1e-3
+
+
+@pytest.mark.parametrize("sampler", ["dpm++2m", "flow_euler"])
+def test_a_flow_model_exports_and_draws_the_pytorch_pipelines_image(tmp_path, tiny_tokenizer, sampler):
+    """The saved flow sampler (and FlowMatch Euler, float timesteps σ·T) through the traced UNet."""
+    pipe = demo_shaped_pipeline(tiny_tokenizer)
+    pipe.scheduler = noise_scheduler("flow_prediction", flow_shift=2.0)
+    pipe.save_pretrained(tmp_path / "flow")
+    export_onnx(str(tmp_path / "flow"), str(tmp_path / "flow-onnx"))
+    expected = draw(LatentDiffusionPipeline.from_pretrained(tmp_path / "flow"), sampler)
+    drawn = draw(OnnxLatentDiffusionPipeline.from_pretrained(str(tmp_path / "flow-onnx")), sampler)
     assert np.abs(drawn - expected).max() <= 1e-3
 
 

@@ -106,7 +106,10 @@ def test_runs_reuse_the_caches_and_rebuild_them_when_inputs_change(parts, tmp_pa
     assert new and all(name.startswith("latents-") for name in new)
 
 
-@pytest.mark.parametrize("sampling", ["uniform", "importance"])
+FLOW = ["--prediction_type", "flow_prediction", "--flow_shift", "2.5"]
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "importance", "flow_logit_normal"])
 def test_resumed_run_ends_with_the_same_weights(parts, tmp_path, openmoji_32, sampling):
     """20 rows at batch 8 are 3 steps an epoch: the run stops mid-epoch at step 4, and the resumed
     run must skip the batches it saw and replay the same noise, dropout, flips and captions.
@@ -116,7 +119,9 @@ def test_resumed_run_ends_with_the_same_weights(parts, tmp_path, openmoji_32, sa
     nothing before step 4. Both runs share a saved text encoder (a BPE tokenizer trained anew can
     break ties differently). CPU kernels are deterministic here, so the weights match exactly."""
     common = ["--checkpointing_steps", "2", "--validation_steps", "100", "--caption_dropout", "0.3",
-              "--random_flip", "--text_encoder_name_or_path", str(parts / "clip"), "--timestep_sampling", sampling]
+              "--random_flip", "--text_encoder_name_or_path", str(parts / "clip")]
+    common += [*FLOW, "--timestep_sampling", "logit_normal"] if sampling == "flow_logit_normal" else [
+        "--timestep_sampling", sampling]
     if sampling == "importance":  # 4 timesteps x 2 losses: warmed up within the first steps, then non-uniform
         common += ["--num_train_timesteps", "4", "--importance_history", "2"]
     train_unet.main(argv(parts, tmp_path / "straight", "--max_train_steps", "7", *common))
@@ -180,6 +185,44 @@ def test_two_process_launch(parts, tmp_path, openmoji_32):
     # each process saved its own RNG state and data position into the checkpoint
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(os.listdir(out / "checkpoint-2"))
     assert UNet2DConditionModel.from_pretrained(out / "unet").config.cross_attention_dim == 32
+
+
+def test_two_process_flow_run(parts, tmp_path, openmoji_32):
+    out = tmp_path / "run"
+    launched = run_in_two_processes(8, "train_unet.py", *argv(parts, out, "--max_train_steps", "2", *FLOW,
+                                                             "--validation_steps", "100", "--checkpointing_steps", "2"))
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(os.listdir(out / "checkpoint-2"))
+    saved = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert saved["prediction_type"] == "flow_prediction" and saved["flow_shift"] == 2.5
+
+
+def test_flow_run_saves_a_flow_pipeline_that_generate_draws(parts, tmp_path, openmoji_32):
+    """The saved sampler is DPM-Solver++ on flow sigmas with the training shift; the held-out loss is logged
+    and the bound reported as skipped; generate.py draws with it and with flow_euler, and refuses DDIM."""
+    out = tmp_path / "run"
+    result = train_unet.main(argv(parts, out, "--max_train_steps", "2", "--validation_steps", "1",
+                                  "--evaluation_steps", "1", "--validation_loss_samples", "8", *FLOW,
+                                  "--weighting_scheme", "cosmap", "--snr_gamma", "0"))
+    assert result["global_step"] == 2 and "validation_loss" in result
+    assert "flow_prediction model has no beta schedule" in result["latent_bits_per_dim_skipped"]
+    saved = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert saved["_class_name"] == "DPMSolverMultistepScheduler" and saved["use_flow_sigmas"] is True
+    assert saved["flow_shift"] == 2.5 and saved["prediction_type"] == "flow_prediction"
+    for scheduler in ("dpm++2m", "flow_euler"):
+        generated = subprocess.run(
+            [sys.executable, "generate.py", "--model", str(out), "--prompt", "red heart", "--num_inference_steps", "2",
+             "--scheduler", scheduler, "--output_dir", str(tmp_path / scheduler)], cwd=ROOT, capture_output=True,
+            text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert generated.returncode == 0, generated.stderr[-2000:]
+        assert [name for name in os.listdir(tmp_path / scheduler) if name.endswith(".png")]
+    refused = subprocess.run(
+        [sys.executable, "generate.py", "--model", str(out), "--prompt", "red heart", "--scheduler", "ddim",
+         "--output_dir", str(tmp_path / "ddim")], cwd=ROOT, capture_output=True, text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert refused.returncode == 2
+    assert "'ddim' cannot sample a flow_prediction model; the ones that can: dpm++2m, unipc" in refused.stderr
+    assert not os.path.exists(tmp_path / "ddim") or not os.listdir(tmp_path / "ddim")
 
 
 @pytest.mark.parametrize("data", ["latents and text cached", "latents cached", "nothing cached"])
