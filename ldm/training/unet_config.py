@@ -176,8 +176,8 @@ class UNetConfig(TrainConfig, CacheConfig, HeldOutConfig):
                 "logit_normal, which draws the timesteps from that density")
         require(not (self.snr_gamma and self.weighting_scheme in ("sigma_sqrt", "cosmap")), "snr_gamma",
                 self.snr_gamma, f"0 with --weighting_scheme {self.weighting_scheme}: both weight the loss")
-        require(self.lora_rank is None, "lora_rank", self.lora_rank, "unset with flow_prediction: adapters load "
-                "into their base pipeline, which samples with its own (epsilon-type) scheduler")
+        require(self.lora_rank is None, "lora_rank", self.lora_rank, "unset with flow_prediction: a LoRA keeps "
+                "its base pipeline's objective and sampler, and fine-tuning a flow base is not supported yet")
 
     def validate_lora(self) -> None:
         """The LoRA settings, and the others they rule out. The target modules are checked against the
