@@ -78,7 +78,7 @@ class Served:
 
     @property
     def kind(self) -> ModelKind:
-        return model_kind(self.defaults, self.distillation)
+        return model_kind(self.defaults, self.distillation, self.saved_scheduler.config)
 
 
 def serve(config: GenerateConfig, folder: str) -> Served:

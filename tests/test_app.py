@@ -21,9 +21,12 @@ from transformers import CLIPTextModel
 
 from ldm.app import build, caption, draw_request, in_page, parse_args, request_config, serve
 from ldm.diffusion.consistency import student_from
+from ldm.diffusion.flow import flow_scheduler
+from ldm.diffusion.objective import noise_scheduler
 from ldm.export import export_onnx
 from ldm.generate import main as generate_main
-from ldm.generation.options import ModelKind, applicable_options, left_out, samplers_for
+from ldm.generation.config import GenerateConfig
+from ldm.generation.options import ModelKind, applicable_options, left_out, model_kind, samplers_for
 from ldm.models.text import text_encoder_config
 from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
 from tests.browser import (
@@ -82,6 +85,14 @@ def test_each_kind_of_model_is_offered_only_its_options():
     progressive = ModelKind(distillation={"method": "progressive", "num_inference_steps": 4})
     assert samplers_for(progressive) == ("ddim",)
     assert left_out(progressive)["num_inference_steps"] == "a progressive student samples at exactly its own 4 steps"
+    flow = ModelKind(flow=True)
+    assert samplers_for(flow) == ("dpm++2m", "unipc", "flow_euler", "flow_heun")
+
+
+def test_a_flow_model_is_offered_the_flow_samplers():
+    config = GenerateConfig(model="unused")
+    assert model_kind(config, {}, flow_scheduler(1000, 3.0).config).flow
+    assert not model_kind(config, {}, noise_scheduler("epsilon").config).flow
 
 
 def form_ids(demo) -> dict[str, dict]:

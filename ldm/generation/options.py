@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ldm.diffusion.schedulers import SCHEDULERS
+from ldm.diffusion.flow import flow_shift_of
+from ldm.diffusion.schedulers import FLOW_MATCH_SCHEDULERS, SCHEDULERS, runs_flow
 from ldm.generation.config import TORCH_ONLY_FLAGS, GenerateConfig
 
 # What one request may set, in the form's order; the rest of GenerateConfig is fixed when the app starts.
@@ -22,6 +23,7 @@ REQUEST_OPTIONS = ("prompt", "negative_prompt", "scheduler", "num_inference_step
 # latent consistency with LCM (or TCD, the same student), progressive distillation with DDIM.
 DISTILLED_SAMPLERS = {"lcm": ("lcm", "tcd"), "progressive": ("ddim",)}
 UNDISTILLED_SAMPLERS = tuple(name for name in SCHEDULERS if name not in {"lcm", "tcd"})
+FLOW_SAMPLERS = tuple(name for name in [*SCHEDULERS, *FLOW_MATCH_SCHEDULERS] if runs_flow(name))
 
 
 @dataclass(frozen=True)
@@ -30,10 +32,13 @@ class ModelKind:
     distillation: dict = field(default_factory=dict)  # its distillation.json (ldm/hub.read_distillation); {} if none
     lora: bool = False  # LoRA adapters loaded (--lora)
     backend: str = "torch"  # generate.py's --backend: "torch", or "onnx" (an ldm.export folder on ONNX Runtime)
+    flow: bool = False  # a flow_prediction model (ldm/diffusion/flow.py), which only flow samplers can run
 
 
-def model_kind(config: GenerateConfig, distillation: dict) -> ModelKind:
-    return ModelKind(distillation=distillation, lora=config.lora is not None, backend=config.backend)
+def model_kind(config: GenerateConfig, distillation: dict, scheduler_config) -> ModelKind:
+    """The kind of the model loaded with `config`, whose saved sampler has `scheduler_config`."""
+    return ModelKind(distillation=distillation, lora=config.lora is not None, backend=config.backend,
+                     flow=flow_shift_of(scheduler_config) is not None)
 
 
 def left_out(kind: ModelKind) -> dict[str, str]:
@@ -63,6 +68,8 @@ def applicable_options(kind: ModelKind) -> list[str]:
 
 def samplers_for(kind: ModelKind) -> tuple[str, ...]:
     """The sampler names (ldm/diffusion/schedulers.py) that fit `kind`'s UNet."""
+    if kind.flow:
+        return FLOW_SAMPLERS
     method = kind.distillation.get("method")
     return DISTILLED_SAMPLERS.get(method, UNDISTILLED_SAMPLERS) if method else UNDISTILLED_SAMPLERS
 
