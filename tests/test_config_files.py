@@ -16,6 +16,7 @@ CLIP_VIT_L_HIDDEN_SIZE = 768  # openai/clip-vit-large-patch14's text states, as 
 # The GPU configs' UNets, with the parameter counts the README gives. A fine-tuning config names a Hub
 # model that cannot be fetched here; its architecture is the config.json beside it in configs/models.
 GPU_UNETS = {"configs/unet/sd_f8_256.yaml": ("configs/models/unet_256.json", 355.7),
+             "configs/unet/sd_f8_256_flow.yaml": ("configs/models/unet_256.json", 355.7),
              "configs/unet/finetune_sd15.yaml": ("configs/models/unet_sd15.json", 859.5)}
 
 
@@ -48,6 +49,14 @@ def test_gpu_configs_parse_and_their_unet_builds_on_the_meta_device(path):
     print(f"{path}: {count / 1e6:.1f}M UNet parameters")
     assert round(count / 1e6, 1) == millions and next(unet.parameters()).device.type == "meta"
     assert config.mixed_precision == "bf16" and config.uses_caches and config.cache_dtype == "float16"
+
+
+def test_the_flow_config_differs_from_its_epsilon_twin_only_in_the_objective():
+    epsilon, flow = (vars(parse_config(UNetConfig, ["--config", f"configs/unet/{name}.yaml"]))
+                     for name in ("sd_f8_256", "sd_f8_256_flow"))
+    changed = {name for name in epsilon if epsilon[name] != flow[name]}
+    assert changed == {"prediction_type", "timestep_sampling", "snr_gamma", "output_dir"}
+    assert (flow["prediction_type"], flow["flow_shift"], flow["snr_gamma"]) == ("flow_prediction", 1.0, 0)
 
 
 @pytest.mark.parametrize("name,processes,machines", [("one_gpu", 1, 1), ("multi_gpu", 4, 1), ("multi_node", 16, 2)])
