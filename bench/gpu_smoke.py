@@ -15,6 +15,8 @@ passed or failed, then a table with the seconds each took:
 - train_unet.py in fp16 and in bf16 on those caches: the 355.7M-parameter UNet of
   configs/unet/sd_f8_256.yaml (batch 8, a few steps);
 - train_unet.py --streaming: the same, the data streamed (the encoders in the step, on the GPU);
+- train_unet.py --prediction_type flow_prediction in bf16 (rectified flow, shift 3, logit-normal), then
+  generate.py --scheduler flow_euler in float16 from it;
 - generate.py in float16 from the trained pipeline (256 px, 10 steps, guidance 7.5);
 - generate.py inpainting one of those images (the VAE's encoder at sampling time), watermarked;
 - train_unet.py --lora_rank in fp16 on that pipeline (adapters on the UNet's attention projections and
@@ -108,6 +110,15 @@ def main() -> int:
             "--text_encoder_name_or_path", pipelines[0],
             "--output_dir", os.path.join(args.out, "unet-streaming")], results)
         dtype = "bfloat16" if args.rehearse else "float16"
+        flow = os.path.join(args.out, "unet-flow")
+        if run(f"train_unet.py --prediction_type flow_prediction {precisions[-1]}", [
+                *unet_common, "--max_train_samples", "64", "--mixed_precision", precisions[-1], "--prediction_type",
+                "flow_prediction", "--flow_shift", "3", "--timestep_sampling", "logit_normal", "--snr_gamma", "0",
+                "--text_encoder_name_or_path", pipelines[0], "--output_dir", flow], results):
+            run(f"generate.py flow_euler {dtype}", [
+                "generate.py", "--model", flow, "--prompt", "grinning face", "--scheduler", "flow_euler",
+                "--num_inference_steps", "10", "--device", "auto", "--dtype", dtype,
+                "--output_dir", os.path.join(args.out, "flow-samples")], results)
         samples = os.path.join(args.out, "samples")
         if run(f"generate.py {dtype}", [
                 "generate.py", "--model", pipelines[0], "--prompt", "grinning face", "--num_images_per_prompt", "2",
