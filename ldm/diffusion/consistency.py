@@ -13,6 +13,8 @@ import math
 import torch
 from diffusers import UNet2DConditionModel
 
+from ldm.diffusion.objective import per_sample
+
 SIGMA_DATA = 0.5  # the data's standard deviation the boundary scalings assume, as LCMScheduler does
 
 
@@ -58,7 +60,7 @@ def boundary_scalings(timesteps: torch.Tensor, timestep_scaling: float) -> tuple
 def clean_and_noise(prediction: torch.Tensor, sample: torch.Tensor, alpha_cumprod: torch.Tensor,
                     prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The clean latents x̂₀ and the noise ε̂ that a UNet's `prediction` at x_t implies."""
-    alpha, sigma = _per_sample(alpha_cumprod.sqrt(), sample), _per_sample((1 - alpha_cumprod).sqrt(), sample)
+    alpha, sigma = per_sample(alpha_cumprod.sqrt(), sample), per_sample((1 - alpha_cumprod).sqrt(), sample)
     if prediction_type == "epsilon":
         return (sample - sigma * prediction) / alpha, prediction
     if prediction_type == "v_prediction":
@@ -100,8 +102,4 @@ class DDIMSolver:
 
 def ddim_step(clean: torch.Tensor, noise: torch.Tensor, alpha_cumprod: torch.Tensor) -> torch.Tensor:
     """The deterministic DDIM update: x at the timestep whose ᾱ is `alpha_cumprod`, from x̂₀ and ε̂."""
-    return _per_sample(alpha_cumprod.sqrt(), clean) * clean + _per_sample((1 - alpha_cumprod).sqrt(), clean) * noise
-
-
-def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return values.to(like.dtype).view(-1, *[1] * (like.dim() - 1))
+    return per_sample(alpha_cumprod.sqrt(), clean) * clean + per_sample((1 - alpha_cumprod).sqrt(), clean) * noise

@@ -82,7 +82,7 @@ def noised(scheduler: SchedulerMixin, latents: torch.Tensor, noise: torch.Tensor
         noise = noise + input_perturbation * torch.randn(noise.shape, generator=generator,
                                                          dtype=noise.dtype, device=noise.device)
     if is_flow(scheduler):
-        sigma = _per_sample(sigmas(scheduler, timesteps), latents)
+        sigma = per_sample(sigmas(scheduler, timesteps), latents)
         return (1 - sigma) * latents + sigma * noise
     return scheduler.add_noise(latents, noise, timesteps)
 
@@ -203,7 +203,7 @@ def denormalise_latents(latents: torch.Tensor, vae_config) -> torch.Tensor:
     return latents / _on(scale, latents) + _on(shift, latents)
 
 
-def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """One value per sample, shaped to broadcast over `like` [N, ...], in its dtype."""
     return values.to(like.dtype).view(-1, *[1] * (like.dim() - 1))
 

@@ -56,6 +56,8 @@ from typing import Callable, NamedTuple
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
+from ldm.diffusion.objective import per_sample
+
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 VARIANCES = ("fixed_large", "fixed_small")
 SPACINGS = ("log", "uniform")  # of the strata over t = 1..T−1
@@ -132,7 +134,7 @@ def schedule_float64(scheduler: DDPMScheduler) -> tuple[torch.Tensor, torch.Tens
 def x0_from_prediction(prediction_type: str, prediction: torch.Tensor, noisy: torch.Tensor,
                        alpha_bar: torch.Tensor) -> torch.Tensor:
     """x̂₀ from a model output, as diffusers' DDPMScheduler computes `pred_original_sample`; not clipped."""
-    alpha_bar = _per_sample(alpha_bar, noisy)
+    alpha_bar = per_sample(alpha_bar, noisy)
     if prediction_type == "epsilon":
         return (noisy - (1 - alpha_bar).sqrt() * prediction) / alpha_bar.sqrt()
     if prediction_type == "v_prediction":
@@ -285,7 +287,7 @@ def variational_bound(predict: Predict, latents: torch.Tensor, scheduler: DDPMSc
 
     def model_x0(t: torch.Tensor) -> torch.Tensor:
         noise = torch.randn(z.shape, generator=generator, dtype=torch.float64)
-        noisy = _per_sample(alpha_bar[t], z).sqrt() * z + _per_sample(1 - alpha_bar[t], z).sqrt() * noise
+        noisy = per_sample(alpha_bar[t], z).sqrt() * z + per_sample(1 - alpha_bar[t], z).sqrt() * noise
         return _x0_in_batches(predict, noisy, t, alpha_bar, prediction_type, latents, conditioning, batch_size)
 
     steps = torch.zeros(samples, dtype=torch.float64)
@@ -325,8 +327,3 @@ def _x0_in_batches(predict: Predict, noisy: torch.Tensor, t: torch.Tensor, alpha
             raise ValueError(f"predict returned NaN or infinite values at timesteps {t[rows].unique().tolist()[:8]}")
         parts.append(x0_from_prediction(prediction_type, prediction, noisy[rows], alpha_bar[t[rows]]))
     return torch.cat(parts)
-
-
-def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """[N] values shaped to broadcast over [N, ...]."""
-    return values.view(-1, *[1] * (like.dim() - 1))
