@@ -34,6 +34,7 @@ from ldm.evaluation.denoising import held_out_loss, latent_bound, posteriors  # 
 from ldm.evaluation.held_out import HeldOutLoss  # noqa: E402
 from ldm.evaluation.likelihood import LikelihoodBound  # noqa: E402
 from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline  # noqa: E402
+from ldm.pipelines.latent_transformer import load_latent_pipeline  # noqa: E402
 from ldm.training.checkpoints import complete_checkpoints  # noqa: E402
 from ldm.training.unet_config import UNetConfig  # noqa: E402
 
@@ -61,7 +62,7 @@ def adherence_at_5(images: torch.Tensor, own: list[int], references: torch.Tenso
 def with_checkpoint_weights(pipeline: LatentDiffusionPipeline, checkpoint: str) -> None:
     """Load a checkpoint's EMA UNet weights (and a jointly trained text encoder's) into `pipeline`."""
     ema = torch.load(os.path.join(checkpoint, "custom_checkpoint_0.pkl"), weights_only=True)
-    for parameter, averaged in zip(pipeline.unet.parameters(), ema["shadow_params"]):
+    for parameter, averaged in zip(pipeline.denoiser.parameters(), ema["shadow_params"]):
         parameter.data.copy_(averaged)
     text_weights = os.path.join(checkpoint, "model_1.safetensors")
     if os.path.isfile(text_weights):
@@ -85,7 +86,7 @@ class Probe:
         self.chosen = np.linspace(0, len(captions) - 1, count).round().astype(int).tolist()
         self.prompts = [captions[i] for i in self.chosen]
         self.steps = steps
-        self.pipeline = LatentDiffusionPipeline.from_pretrained(run)
+        self.pipeline = load_latent_pipeline(run)
         self.pipeline.set_progress_bar_config(disable=True)
 
     def score(self, guidance: float, pipeline: LatentDiffusionPipeline | None = None,
@@ -125,11 +126,11 @@ def weights_in_turn(probe: Probe, run: str) -> Iterator[tuple[str, float]]:
     pipeline = probe.pipeline
     started = os.path.getmtime(os.path.join(run, RUN_CONFIG))
     final_weights = [{k: v.clone() for k, v in model.state_dict().items()}
-                     for model in (pipeline.unet, pipeline.text_encoder)]
+                     for model in (pipeline.denoiser, pipeline.text_encoder)]
     for checkpoint in complete_checkpoints(run):
         with_checkpoint_weights(pipeline, checkpoint)
         yield os.path.basename(checkpoint), (os.path.getmtime(checkpoint) - started) / 60
-    pipeline.unet.load_state_dict(final_weights[0])  # a checkpoint may have replaced the text encoder too
+    pipeline.denoiser.load_state_dict(final_weights[0])  # a checkpoint may have replaced the text encoder too
     pipeline.text_encoder.load_state_dict(final_weights[1])
     yield "final", (os.path.getmtime(os.path.join(run, "model_index.json")) - started) / 60
 

@@ -51,6 +51,7 @@ from ldm.generation.loading import configure, load_model, settle
 from ldm.generation.output import draw, image_jobs, in_batches
 from ldm.hub.files import read_distillation
 from ldm.pipelines.latent_diffusion import scaled_lora_layers
+from ldm.pipelines.latent_transformer import LatentTransformerPipeline, pipeline_class
 
 logger = logging.getLogger(__name__)
 
@@ -69,13 +70,16 @@ def parse_args(argv: list[str] | None = None) -> EvaluateConfig:
 
 def native_resolution(config: EvaluateConfig) -> int:
     """The size the model draws at, from its config files alone (no weights are read)."""
-    unet_folder, vae_folder = ("unet", "vae_decoder") if config.backend == "onnx" else ("unet", "vae")
+    vae_folder = "vae_decoder" if config.backend == "onnx" else "vae"
+    denoiser_folder = "transformer" if pipeline_class(config.model, config.revision) is LatentTransformerPipeline \
+        else "unet"
     try:
-        unet = UNet2DConditionModel.load_config(config.model, subfolder=unet_folder, revision=config.revision)
+        denoiser = UNet2DConditionModel.load_config(config.model, subfolder=denoiser_folder, revision=config.revision)
         vae = AutoencoderKL.load_config(config.model, subfolder=vae_folder, revision=config.revision)
     except (OSError, ValueError) as error:
-        raise ConfigError(f"model {config.model!r}: cannot read its unet/ and {vae_folder}/ configs: {error}") from None
-    return unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+        raise ConfigError(f"model {config.model!r}: cannot read its {denoiser_folder}/ and {vae_folder}/ configs: "
+                          f"{error}") from None
+    return denoiser["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
 def reference_rows(config: EvaluateConfig, resolution: int):
@@ -141,7 +145,7 @@ def denoising_numbers(config: EvaluateConfig, pipe, data: DataConfig, rows, capt
         return {"skipped": "--validation_loss_samples 0"}
     if config.backend != "torch":
         return {"skipped": "the ONNX export has no PyTorch UNet to score (use the PyTorch model)"}
-    if pipe.unet.config.time_cond_proj_dim is not None:
+    if pipe.denoiser.config.get("time_cond_proj_dim") is not None:
         return {"skipped": "a distilled student takes the guidance scale as an input: no denoising loss or bound"}
     count = min(config.validation_loss_samples, len(rows))
     pixels = torch.stack([sample["pixel_values"] for sample in ImageCaptionDataset.from_config(
@@ -149,7 +153,7 @@ def denoising_numbers(config: EvaluateConfig, pipe, data: DataConfig, rows, capt
     mean, std = posteriors(pipe, pixels)
     schedule = trained_schedule(pipe.scheduler.config)
     # The UNet is called directly here, not through the pipeline: --lora_scale is applied as the pipeline would.
-    with scaled_lora_layers(pipe.unet, config.lora_scale), scaled_lora_layers(pipe.text_encoder, config.lora_scale):
+    with scaled_lora_layers(pipe.denoiser, config.lora_scale), scaled_lora_layers(pipe.text_encoder, config.lora_scale):
         start = time.perf_counter()
         loss = held_out_loss(pipe, schedule, mean, std, captions[:count], config.seed, bins=10)
         loss_seconds, start = time.perf_counter() - start, time.perf_counter()

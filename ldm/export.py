@@ -31,7 +31,7 @@ import warnings
 import diffusers
 import torch
 
-from ldm.generation.loading import load_pipeline
+from ldm.generation.loading import is_transformer_pipeline, load_pipeline
 from ldm.hub.files import DISTILLATION, read_distillation
 from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
 from ldm.pipelines.onnx_pipeline import MANIFEST
@@ -227,6 +227,9 @@ def export_onnx(source: str, out_dir: str, opset: int = 17, quantize: str | None
     to a folder beside `out_dir` that replaces it only once the export is whole.
     """
     check_arguments(opset, quantize, out_dir)
+    if is_transformer_pipeline(source, revision):
+        raise ValueError(f"{source} is a transformer pipeline: the ONNX export and OnnxLatentDiffusionPipeline "
+                         "trace a UNet (its inputs and the UNet's folder layout); export a UNet pipeline")
     pipe = load_pipeline(source, revision, torch.float32)
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)

@@ -6,10 +6,11 @@ import json
 import pytest
 from accelerate import init_empty_weights
 from accelerate.commands.config.config_args import ClusterConfig
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, PixArtTransformer2DModel, UNet2DConditionModel
 
 from ldm.config import parse_config
 from ldm.models.architecture import read_architecture, vae_scale_factor
+from ldm.models.denoiser import read_denoiser_architecture
 from ldm.training.unet_config import UNetConfig
 
 CLIP_VIT_L_HIDDEN_SIZE = 768  # openai/clip-vit-large-patch14's text states, as in Stable Diffusion 1.x
@@ -64,3 +65,35 @@ def test_accelerate_configs(name, processes, machines):
     config = ClusterConfig.from_yaml_file(f"configs/accelerate/{name}.yaml")
     assert (config.num_processes, config.num_machines) == (processes, machines)
     assert config.mixed_precision == "bf16" and not config.use_cpu
+
+
+GPU_TRANSFORMERS = {"configs/transformer/sd_f8_256_flow.yaml": ("configs/models/pixart_256.json", 367.5)}
+
+
+def test_every_transformer_config_is_covered():
+    assert set(glob.glob("configs/transformer/*.yaml")) == {"configs/transformer/demo.yaml", *GPU_TRANSFORMERS}
+
+
+@pytest.mark.parametrize("path, millions", [("configs/transformer/demo.yaml", 5.1),
+                                            *((path, count) for path, (_, count) in GPU_TRANSFORMERS.items())])
+def test_transformer_configs_parse_and_build_on_the_meta_device(path, millions):
+    config = parse_config(UNetConfig, ["--config", path])
+    model_class, architecture = read_denoiser_architecture(config.denoiser_config)
+    assert model_class is PixArtTransformer2DModel
+    text_width = CLIP_VIT_L_HIDDEN_SIZE if config.text_encoder_name_or_path else json.load(
+        open(config.text_encoder_config))["hidden_size"]
+    assert architecture["caption_channels"] == text_width
+    with init_empty_weights():
+        transformer = PixArtTransformer2DModel.from_config(architecture)
+    count = sum(p.numel() for p in transformer.parameters())
+    print(f"{path}: {count / 1e6:.1f}M transformer parameters")
+    assert round(count / 1e6, 1) == millions and next(transformer.parameters()).device.type == "meta"
+
+
+@pytest.mark.parametrize("unet, transformer", [("configs/unet/demo.yaml", "configs/transformer/demo.yaml"),
+                                               ("configs/unet/sd_f8_256_flow.yaml",
+                                                "configs/transformer/sd_f8_256_flow.yaml")])
+def test_each_transformer_config_differs_from_its_unet_twin_only_in_the_denoiser(unet, transformer):
+    theirs, ours = (vars(parse_config(UNetConfig, ["--config", path])) for path in (unet, transformer))
+    # unet_config is read only where denoiser_config is unset
+    assert {name for name in ours if ours[name] != theirs[name]} - {"unet_config"} == {"denoiser_config", "output_dir"}

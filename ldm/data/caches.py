@@ -15,7 +15,7 @@ import functools
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import datasets
 import numpy as np
@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import torch
 from accelerate import Accelerator, PartialState
 
-from ldm.data.captions import caption_list, pick_caption, tokenize
+from ldm.data.captions import caption_list, pick_caption, text_states, tokenize
 from ldm.data.chunks import FORMAT_VERSION, CacheLayout, ChunkedCache, flat_column, key_of, load_or_build
 from ldm.data.dataset import EpochDataset, ImageCaptionDataset, dataloader
 
@@ -112,11 +112,11 @@ def text_layout(tokens: int, hidden_size: int, dtype: str) -> CacheLayout:
 
 @torch.no_grad()
 def encode_texts(tokenizer, text_encoder, caption_rows: datasets.Dataset, caption_column: str, batch_size: int,
-                 device, layout: CacheLayout, rows: range) -> Iterator[pa.Table]:
+                 device, layout: CacheLayout, encode_ids: Callable, rows: range) -> Iterator[pa.Table]:
     """The last hidden state of every caption of each row in `rows`, as a list per row."""
     per_row = [caption_list(c) for c in caption_rows[rows.start:rows.stop][caption_column]]
     flat = [caption for captions in per_row for caption in captions]
-    states = [text_encoder(tokenize(tokenizer, flat[start:start + batch_size]).to(device))[0].float().cpu().numpy()
+    states = [encode_ids(tokenize(tokenizer, flat[start:start + batch_size]).to(device)).float().cpu().numpy()
               for start in range(0, len(flat), batch_size)]
     embeddings = flat_column(np.concatenate(states), layout.dtype, "text embeddings")
     offsets = pa.array(np.cumsum([0] + [len(captions) for captions in per_row]), pa.int32())
@@ -126,18 +126,21 @@ def encode_texts(tokenizer, text_encoder, caption_rows: datasets.Dataset, captio
 
 def load_or_build_texts(tokenizer, text_encoder, caption_rows: datasets.Dataset, caption_column: str,
                         cache_root: str, dtype: str = "float16", chunk_rows: int = CHUNK_ROWS,
-                        batch_size: int = 256, processes: PartialState | Accelerator | None = None) -> ChunkedCache:
+                        batch_size: int = 256, processes: PartialState | Accelerator | None = None,
+                        padding_eos: int | None = None) -> ChunkedCache:
     """The frozen text encoder's states for every caption of every source row, row i of the cache
-    holding row i's captions, so a latent row finds its text by its `row` without an index."""
+    holding row i's captions, so a latent row finds its text by its `row` without an index. With
+    `padding_eos`, the states a masking denoiser reads (ldm/models/text.py `text_states`)."""
     processes = processes or PartialState()
-    parts = dict(format=FORMAT_VERSION, text_encoder=fingerprint_module(text_encoder),
+    parts = dict(format=FORMAT_VERSION, text_encoder=fingerprint_module(text_encoder), padding_eos=padding_eos,
                  tokenizer=tokenizer_fingerprint(tokenizer), max_length=tokenizer.model_max_length,
                  data=caption_rows._fingerprint, caption_column=caption_column, dtype=dtype, chunk_rows=chunk_rows)
     layout = text_layout(tokenizer.model_max_length, text_encoder.config.hidden_size, dtype)
     folder = os.path.join(cache_root, f"texts-{key_of(**parts)}")
     captions = caption_rows.select_columns([caption_column])
+    encode_ids = functools.partial(text_states, text_encoder, eos_token_id=padding_eos)
     encode = functools.partial(encode_texts, tokenizer, text_encoder, captions, caption_column, batch_size,
-                               processes.device, layout)
+                               processes.device, layout, encode_ids)
     return load_or_build(folder, layout, len(caption_rows), chunk_rows, encode, processes, "captions", parts)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from ldm.data.captions import tokenize
+from ldm.data.captions import text_states, tokenize
 from ldm.diffusion.objective import normalise_latents
 from ldm.evaluation.held_out import HeldOutLoss, HeldOutSet
 from ldm.evaluation.likelihood import LikelihoodBound, check_bound_applies, unet_predictor, variational_bound
@@ -17,7 +17,7 @@ from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
 def caption_embeddings(pipeline: LatentDiffusionPipeline, captions: list[str]) -> torch.Tensor:
     ids = tokenize(pipeline.tokenizer, captions).to(pipeline.device)
     with torch.no_grad():
-        return pipeline.text_encoder(ids)[0].float()
+        return text_states(pipeline.text_encoder, ids, pipeline.text_padding_eos).float()
 
 
 @torch.no_grad()
@@ -38,7 +38,7 @@ def held_out_loss(pipeline: LatentDiffusionPipeline, scheduler: SchedulerMixin, 
     held_out = HeldOutSet.from_posterior(mean.to(pipeline.device), std.to(pipeline.device),
                                          caption_embeddings(pipeline, captions), scheduler, pipeline.vae.config,
                                          seed=seed, bins=min(bins, scheduler.config.num_train_timesteps))
-    return held_out.evaluate(unet_predictor(pipeline.unet))
+    return held_out.evaluate(unet_predictor(pipeline.denoiser))
 
 
 def latent_bound(pipeline: LatentDiffusionPipeline, scheduler: SchedulerMixin, mean: torch.Tensor,
@@ -50,6 +50,6 @@ def latent_bound(pipeline: LatentDiffusionPipeline, scheduler: SchedulerMixin, m
     vae = pipeline.vae.config
     latents = normalise_latents(mean.to(pipeline.device), vae)
     strata = min(strata, scheduler.config.num_train_timesteps - 1)  # a short schedule has fewer timesteps
-    return variational_bound(unet_predictor(pipeline.unet), latents, scheduler, strata=strata, seed=seed,
+    return variational_bound(unet_predictor(pipeline.denoiser), latents, scheduler, strata=strata, seed=seed,
                              conditioning=caption_embeddings(pipeline, captions),
                              scaling_factor=vae.scaling_factor, shift_factor=vae.get("shift_factor"))

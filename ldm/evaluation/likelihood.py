@@ -54,9 +54,10 @@ import math
 from typing import Callable, NamedTuple
 
 import torch
-from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers import DDPMScheduler
 
 from ldm.diffusion.objective import per_sample
+from ldm.models.denoiser import denoise
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 VARIANCES = ("fixed_large", "fixed_small")
@@ -104,10 +105,10 @@ def paired_difference(bound: LikelihoodBound, baseline: LikelihoodBound) -> tupl
     return differences.mean().item(), error
 
 
-def unet_predictor(unet: UNet2DConditionModel, embeddings: torch.Tensor | None = None) -> Predict:
-    """`predict(noisy, timesteps, embeddings=None)` from a UNet: one conditional call, no classifier-free
-    guidance (the bound is for −log p(z | c) itself). The fixed `embeddings` (one caption, [1, L, C] or [L, C],
-    or one row per sample) are used when a call passes none."""
+def unet_predictor(unet: torch.nn.Module, embeddings: torch.Tensor | None = None) -> Predict:
+    """`predict(noisy, timesteps, embeddings=None)` from a UNet (or a transformer, ldm/models/denoiser.py): one
+    conditional call, no classifier-free guidance (the bound is for −log p(z | c) itself). The fixed `embeddings`
+    (one caption, [1, L, C] or [L, C], or one row per sample) are used when a call passes none."""
     fixed = embeddings
 
     def predict(noisy: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor | None = None) -> torch.Tensor:
@@ -118,7 +119,7 @@ def unet_predictor(unet: UNet2DConditionModel, embeddings: torch.Tensor | None =
             rows = rows.unsqueeze(0)
         if rows.shape[0] == 1:
             rows = rows.expand(noisy.shape[0], *rows.shape[1:])
-        return unet(noisy.to(unet.dtype), timesteps, encoder_hidden_states=rows.to(unet.device, unet.dtype)).sample
+        return denoise(unet, noisy.to(unet.dtype), timesteps, rows.to(unet.device, unet.dtype))
 
     return predict
 

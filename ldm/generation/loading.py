@@ -13,6 +13,7 @@ from ldm.generation.config import DEFAULT_GUIDANCE, DEFAULT_STEPS, DTYPES, Gener
 from ldm.generation.edit_inputs import EditInputs, check_edit, edit_strength, read_edit_inputs
 from ldm.hub.files import HubError, find_lora, find_model, is_hub_id, named_revision, read_distillation
 from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
+from ldm.pipelines.latent_transformer import LatentTransformerPipeline, load_latent_pipeline, pipeline_class
 from ldm.pipelines.onnx_pipeline import MANIFEST as ONNX_MANIFEST
 from ldm.pipelines.onnx_pipeline import OnnxLatentDiffusionPipeline
 from ldm.pipelines.watermark import size_problem
@@ -41,14 +42,14 @@ def load_pipeline(model: str, revision: str | None, dtype: torch.dtype) -> Laten
             raise ValueError(f"{model} is an ONNX export (python -m ldm.export onnx), not a PyTorch pipeline: "
                              "generate.py runs it with --backend onnx")
         if not os.path.isfile(os.path.join(model, "model_index.json")):
-            raise ValueError(f"{model} is not a pipeline folder: it has no model_index.json (a saved pipeline "
-                             "holds model_index.json, vae/, text_encoder/, tokenizer/, unet/ and scheduler/)")
+            raise ValueError(f"{model} is not a pipeline folder: it has no model_index.json (a saved pipeline holds "
+                             "model_index.json, vae/, text_encoder/, tokenizer/, unet/ or transformer/, scheduler/)")
     elif not is_hub_id(model):
         raise ValueError(f"model folder {model} does not exist")
     else:
         check_hub_pipeline(model, revision)
     try:
-        return LatentDiffusionPipeline.from_pretrained(model, revision=named_revision(revision), dtype=dtype)
+        return load_latent_pipeline(model, revision=named_revision(revision), dtype=dtype)
     except (OSError, ValueError) as error:
         where = "the folder" if os.path.isdir(model) else "the Hugging Face Hub (it is not a local folder either)"
         raise ValueError(f"could not load a pipeline {model!r} from {where}: {error}") from error
@@ -63,8 +64,15 @@ def check_hub_pipeline(model: str, revision: str | None) -> None:
         raise ValueError(f"could not load a pipeline {model!r} from the Hugging Face Hub: {error}") from None
     if not found.is_pipeline:
         raise ValueError(f"{model} holds a single {found.class_name}, not a pipeline: generate.py needs a "
-                         "text-to-image pipeline (model_index.json with vae/, text_encoder/, tokenizer/, unet/ and "
-                         "scheduler/)")
+                         "text-to-image pipeline (model_index.json with vae/, text_encoder/, tokenizer/, unet/ or "
+                         "transformer/, and scheduler/)")
+
+
+def is_transformer_pipeline(model: str, revision: str | None) -> bool:
+    try:
+        return pipeline_class(model, revision) is LatentTransformerPipeline
+    except HubError:
+        return False  # load_pipeline explains what is wrong with the model
 
 
 def lora_file(lora: str) -> str:
@@ -110,6 +118,9 @@ def load_model(config: GenerateConfig, device: torch.device | None = None) -> La
     """--model with its --lora adapters, on `device` (default: --device). The adapters' file is found
     first: a missing one fails before the model loads."""
     lora = lora_file(config.lora) if config.lora is not None else None
+    if lora is not None and config.backend != "onnx" and is_transformer_pipeline(config.model, config.revision):
+        raise ValueError(f"--lora {config.lora}: {config.model} is a transformer pipeline, and "
+                         "PixArtTransformer2DModel has no LoRA support in diffusers (no PeftAdapterMixin)")
     device = device or resolve_device(config.device)
     if config.backend == "onnx":
         pipe = OnnxLatentDiffusionPipeline.from_pretrained(config.model)
@@ -164,7 +175,7 @@ def can_carry_watermark(edit: EditInputs | None, config: GenerateConfig) -> bool
 def default_size(pipe: LatentDiffusionPipeline, edit: EditInputs | None, config: GenerateConfig) -> tuple[int, int]:
     """--height and --width, else an edit keeps the image's size (rounded down to the VAE factor) and
     everything else, a crop around a mask included, is drawn at the model's native size."""
-    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    native = pipe.denoiser.config.sample_size * pipe.vae_scale_factor
     if edit is None or config.padding_mask_crop is not None:
         return config.height or native, config.width or native
     factor = pipe.vae_scale_factor

@@ -49,8 +49,8 @@ def model_card(folder: str, repo_id: str, kind: str, settings: dict, license: st
     data = ModelCardData(library_name="diffusers", pipeline_tag="text-to-image" if draws else None, license=license,
                          datasets=[dataset] if dataset else None, tags=tags,
                          **{key: value for key, value in adapter.items() if value})
-    about = describe_lora(repo_id, settings) if adapter else describe(repo_id, kind == "pipeline",
-                                                                       read_distillation(folder))
+    about = describe_lora(repo_id, settings) if adapter else describe(
+        repo_id, kind == "pipeline", read_distillation(folder), os.path.isdir(os.path.join(folder, "transformer")))
     sections = [f"# {repo_id}", about]
     samples = sample_grid(folder)
     if samples:
@@ -80,7 +80,15 @@ def base_model_id(settings: dict) -> str | None:
     return base if base and not os.path.isdir(base) and is_hub_id(base) else None
 
 
-def describe(repo_id: str, is_pipeline: bool, distilled: dict) -> str:
+def describe(repo_id: str, is_pipeline: bool, distilled: dict, transformer: bool = False) -> str:
+    if transformer:
+        return ("A text-to-image latent diffusion pipeline (CLIP text encoder, PixArtTransformer2DModel, "
+                "AutoencoderKL) in the diffusers layout, trained with ldm.\n\n```python\n"
+                "from diffusers import PixArtAlphaPipeline  # or ldm's LatentTransformerPipeline\n\n"
+                f'pipe = PixArtAlphaPipeline.from_pretrained("{repo_id}")\n'
+                'image = pipe("red heart", num_inference_steps=25, use_resolution_binning=False, clean_caption=False,\n'
+                '             max_sequence_length=pipe.tokenizer.model_max_length).images[0]\n```\n\n'
+                f'or `python generate.py --model {repo_id} --prompt "red heart"`.')
     if distilled:
         steps, guidance = distilled["num_inference_steps"], distilled["guidance_scale"]
         return (f"A {steps}-step text-to-image latent diffusion pipeline, distilled with ldm by latent consistency "

@@ -16,13 +16,17 @@ from ldm.hub.files import HubError, find_model
 
 def read_architecture(path: str, model_class: type) -> dict:
     """A diffusers config.json for `model_class`, with every key checked against its constructor."""
-    try:
-        with open(path) as f:
-            architecture = json.load(f)
-    except (OSError, json.JSONDecodeError) as error:
-        raise ConfigError(f"cannot read the model config {path!r}: {error}") from error
+    architecture = read_model_config(path)
     check_architecture(architecture, model_class, path)
     return architecture
+
+
+def read_model_config(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as error:
+        raise ConfigError(f"cannot read the model config {path!r}: {error}") from error
 
 
 def check_architecture(architecture: dict, model_class: type, source: str) -> None:

@@ -86,3 +86,4 @@ def load_text_components(name_or_path: str, revision: str | None = None):
     tokenizer = CLIPTokenizer.from_pretrained(name_or_path, revision=revision, **tokenizer_kwargs)
     text_encoder = CLIPTextModel.from_pretrained(name_or_path, revision=revision, **encoder_kwargs)
     return tokenizer, text_encoder
+

@@ -142,7 +142,7 @@ class ImageEditing:
         as in diffusers, inpainting default to the UNet's native size."""
         if image is not None and not inpainting:
             return self.image_processor.get_default_height_width(_as_batch(image), height, width)
-        native = self.unet.config.sample_size * self.vae_scale_factor
+        native = self.denoiser.config.sample_size * self.vae_scale_factor
         return native if height is None else height, native if width is None else width
 
 

@@ -8,7 +8,6 @@ import functools
 from collections.abc import Callable
 
 import torch
-from diffusers import UNet2DConditionModel
 
 
 class FastMode:
@@ -30,12 +29,12 @@ class FastMode:
     def disable_fast_mode(self) -> None:
         self._fast_dtype, self._fast_unet = None, None
 
-    def denoising_unet(self) -> UNet2DConditionModel:
-        """The UNet the loop runs: `self.unet`, or its low-precision copy in fast mode."""
+    def denoising_unet(self) -> torch.nn.Module:
+        """The denoiser the loop runs (the UNet or the transformer), or its low-precision copy in fast mode."""
         if self._fast_dtype is None:
-            return self.unet
-        if self._fast_unet is None or self._fast_unet.device != self.unet.device:
-            self._fast_unet = copy.deepcopy(self.unet).to(self._fast_dtype)
+            return self.denoiser
+        if self._fast_unet is None or self._fast_unet.device != self.denoiser.device:
+            self._fast_unet = copy.deepcopy(self.denoiser).to(self._fast_dtype)
         return self._fast_unet
 
 

@@ -30,11 +30,12 @@ from diffusers.utils import scale_lora_layers, unscale_lora_layers
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from ldm.data.captions import tokenize
+from ldm.data.captions import text_states, tokenize
 from ldm.diffusion import schedulers
 from ldm.diffusion.consistency import guidance_embedding
 from ldm.diffusion.objective import denormalise_latents
 from ldm.diffusion.schedulers import make_scheduler
+from ldm.models.denoiser import denoise
 from ldm.pipelines.call_checks import CallChecks, as_list
 from ldm.pipelines.editing import ImageEditing, default_strength
 from ldm.pipelines.fast_mode import FastMode, then_drop_fast_copy
@@ -73,6 +74,10 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin,
         super().__init__()
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                               scheduler=scheduler)
+        self._set_up_processors()
+
+    def _set_up_processors(self) -> None:
+        vae = self.vae
         # Each down block of the VAE encoder but the last halves the resolution.
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
@@ -80,6 +85,17 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin,
         self.mask_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_normalize=False,
                                                 do_binarize=True, do_convert_grayscale=True)
         self.disable_fast_mode()
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The model the loop runs: here the UNet (LatentTransformerPipeline's is its transformer)."""
+        return self.unet
+
+    @property
+    def text_padding_eos(self) -> int | None:
+        """None: the UNet reads every position of the text states, padding included, as Stable Diffusion's
+        does. A masking denoiser's pipeline returns the tokenizer's end-of-text id (see `text_states`)."""
+        return None
 
     # ---------------------------------------------------------------- options
 
@@ -94,7 +110,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin,
         """CLIP's last hidden state for each text, truncated to the tokenizer's context with a warning."""
         self._warn_if_truncated(texts)
         ids = tokenize(self.tokenizer, texts).to(device)
-        return self.text_encoder(ids, return_dict=False)[0]
+        return text_states(self.text_encoder, ids, self.text_padding_eos)
 
     def _warn_if_truncated(self, texts: list[str]) -> None:
         limit = self.tokenizer.model_max_length
@@ -137,7 +153,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin,
         With a list of generators, image i's noise comes from generator i alone, so each image
         can be redrawn by itself from its own seed whatever the batch around it.
         """
-        shape = (num_images, self.unet.config.in_channels, height // self.vae_scale_factor,
+        shape = (num_images, self.denoiser.config.in_channels, height // self.vae_scale_factor,
                  width // self.vae_scale_factor)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
@@ -151,7 +167,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin,
         accepted = inspect.signature(self.scheduler.step).parameters
         return {key: value for key, value in (("eta", eta), ("generator", generator)) if key in accepted}
 
-    def predict_noise(self, unet: UNet2DConditionModel, latents: torch.Tensor, t, embeddings: torch.Tensor,
+    def predict_noise(self, unet: torch.nn.Module, latents: torch.Tensor, t, embeddings: torch.Tensor,
                       guidance_scale: float, guidance_rescale: float,
                       timestep_cond: torch.Tensor | None = None,
                       cross_attention_kwargs: dict | None = None) -> torch.Tensor:
@@ -167,9 +183,8 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin,
         guided = embeddings.shape[0] == 2 * latents.shape[0]
         model_input = torch.cat([latents, latents]) if guided else latents
         model_input = schedulers.scale_model_input(self.scheduler, model_input, t)
-        prediction = unet(model_input.to(embeddings.dtype), t, encoder_hidden_states=embeddings,
-                          timestep_cond=timestep_cond, cross_attention_kwargs=cross_attention_kwargs,
-                          return_dict=False)[0].to(latents.dtype)
+        prediction = denoise(unet, model_input.to(embeddings.dtype), t, embeddings, timestep_cond=timestep_cond,
+                             cross_attention_kwargs=cross_attention_kwargs).to(latents.dtype)
         if not guided:
             return prediction
         unconditional, conditional = prediction.chunk(2)
@@ -274,7 +289,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin,
 
         # 2. Encode the prompt (and the negative prompt when guiding with a second pass).
         device = self._execution_device  # looked up once: it walks every module of every component
-        guidance_input = self.unet.config.time_cond_proj_dim  # a distilled UNet's: guidance without a second pass
+        guidance_input = self.denoiser.config.get("time_cond_proj_dim")  # a distilled UNet's: guidance in one pass
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt,
             do_guidance=guidance_scale > 1.0 and guidance_input is None, device=device,

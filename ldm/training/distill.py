@@ -347,12 +347,14 @@ def draw_guidance(config: DistillConfig, count: int, generator: torch.Generator,
 def load_teacher(config: DistillConfig) -> LatentDiffusionPipeline:
     """The teacher pipeline, frozen, after checking that it is one."""
     try:
-        is_pipeline = find_model(config.teacher, config.revision).is_pipeline
+        found = find_model(config.teacher, config.revision)
     except HubError as error:
         raise ConfigError(f"teacher {config.teacher!r}: {error}") from None
-    if not is_pipeline:
+    if not found.is_pipeline:
         raise ConfigError(f"teacher {config.teacher!r} is not a pipeline folder (no model_index.json): give a "
                           "train_unet.py output_dir or a pipeline's Hub id, which generate.py loads")
+    if "transformer" in dict(found.components):
+        raise ConfigError(f"teacher {config.teacher!r} is a transformer pipeline; distillation takes a UNet teacher")
     teacher = LatentDiffusionPipeline.from_pretrained(config.teacher, revision=config.revision)
     check_teacher_schedule(config.teacher, teacher.scheduler.config)
     for model in (teacher.unet, teacher.vae, teacher.text_encoder):

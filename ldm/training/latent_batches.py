@@ -13,7 +13,7 @@ from accelerate.utils import send_to_device
 from diffusers import AutoencoderKL
 
 from ldm.data.caches import CachedRows, load_or_build_latents, load_or_build_texts
-from ldm.data.captions import tokenize
+from ldm.data.captions import text_states, tokenize
 from ldm.data.chunks import ChunkedCache, ChunkShuffle, as_batch
 from ldm.data.dataset import ImageCaptionDataset, SkipCounter, dataloader
 from ldm.data.openmoji import default_cache_dir
@@ -71,7 +71,8 @@ class TrainingData:
 
 
 def training_data(config: UNetConfig | DistillConfig, accelerator: Accelerator, train_rows, vae, tokenizer,
-                  text_encoder) -> TrainingData:
+                  text_encoder, padding_eos: int | None = None) -> TrainingData:
+    """The batches to train on. `padding_eos`: the text states are a masking denoiser's (see `text_states`)."""
     if config.streaming:
         examples = ImageCaptionDataset.from_config(None, config, seed=config.seed)
         return TrainingData(stream=StreamBatches(train_rows, examples, config.train_batch_size,
@@ -91,7 +92,8 @@ def training_data(config: UNetConfig | DistillConfig, accelerator: Accelerator, 
     texts = None
     if config.cache_text_embeddings and not config.trains_text_encoder:
         texts = load_or_build_texts(tokenizer, text_encoder, train_rows, config.caption_column, cache_root,
-                                    config.cache_dtype, config.cache_chunk_rows, processes=accelerator)
+                                    config.cache_dtype, config.cache_chunk_rows, processes=accelerator,
+                                    padding_eos=padding_eos)
         logger.info(f"text cache {texts.folder} ({texts.encoded_now} chunk(s) encoded by this process)")
     rows = CachedRows(latents, texts, config.seed)
     loader = torch.utils.data.DataLoader(rows, batch_size=config.train_batch_size,
@@ -101,9 +103,10 @@ def training_data(config: UNetConfig | DistillConfig, accelerator: Accelerator, 
 
 
 @torch.no_grad()
-def cached_empty_prompt(text_encoder, empty_ids: torch.Tensor, cache_dtype: str) -> torch.Tensor:
+def cached_empty_prompt(text_encoder, empty_ids: torch.Tensor, cache_dtype: str,
+                        padding_eos: int | None = None) -> torch.Tensor:
     """The empty prompt's states, rounded to the cache's dtype like the captions' they stand in for."""
-    return text_encoder(empty_ids)[0].to(getattr(torch, cache_dtype)).float()
+    return text_states(text_encoder, empty_ids, padding_eos).to(getattr(torch, cache_dtype)).float()
 
 
 # ---------------------------------------------------------------- components
@@ -119,7 +122,7 @@ def posterior(vae: AutoencoderKL, batch: dict) -> tuple[torch.Tensor, torch.Tens
 
 
 def encode_captions(batch: dict, tokenizer, text_encoder, empty: torch.Tensor | None, empty_ids: torch.Tensor,
-                    dropout: float, generator: torch.Generator) -> torch.Tensor:
+                    dropout: float, generator: torch.Generator, padding_eos: int | None = None) -> torch.Tensor:
     """Text embeddings for a batch, cached or computed now, with `dropout` of them swapped for the
     empty prompt's (for CFG). A frozen text encoder runs without building a graph."""
     if "embeddings" in batch:
@@ -127,5 +130,5 @@ def encode_captions(batch: dict, tokenizer, text_encoder, empty: torch.Tensor | 
     ids = objective.drop_conditioning(tokenize(tokenizer, batch["captions"]).to(empty_ids.device), empty_ids,
                                       dropout, generator)
     with torch.set_grad_enabled(text_encoder.training):
-        return text_encoder(ids)[0]
+        return text_states(text_encoder, ids, padding_eos)
 

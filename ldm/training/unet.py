@@ -1,5 +1,7 @@
-"""train_unet.py's work: a text-conditioned UNet2DConditionModel trained on the latents of a frozen
-VAE, exported with its VAE and text side as a LatentDiffusionPipeline folder.
+"""train_unet.py's work: a text-conditioned denoiser trained on the latents of a frozen VAE, exported with
+its VAE and text side as a pipeline folder. The denoiser is a UNet2DConditionModel (a LatentDiffusionPipeline
+folder, which StableDiffusionPipeline loads) or a PixArt-style PixArtTransformer2DModel (a
+LatentTransformerPipeline folder, which PixArtAlphaPipeline loads); ldm/models/denoiser.py calls either.
 
 `train` is the one training loop. With `cache_latents` (the default) the frozen VAE, and a frozen
 text encoder, run once over the data into chunked on-disk caches (ldm/data/caches.py) that every process
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DPMSolverMultistepScheduler
 from tqdm.auto import tqdm
 from transformers import CLIPTokenizer
 
@@ -30,7 +32,8 @@ from ldm.data.streaming import open_stream
 from ldm.diffusion import objective
 from ldm.diffusion.timesteps import ImportanceTimesteps, mass_by_bin, timestep_sampler
 from ldm.hub.files import find_model
-from ldm.models.architecture import read_architecture, vae_scale_factor, vae_subfolder
+from ldm.models.architecture import vae_scale_factor, vae_subfolder
+from ldm.models.denoiser import build_denoiser, check_text_width, denoise, is_transformer, load_pretrained_denoiser
 from ldm.models.lora import (
     TEXT_ENCODER_TARGETS,
     add_adapters,
@@ -41,6 +44,7 @@ from ldm.models.lora import (
 )
 from ldm.models.text import build_text_encoder, load_text_components, train_tokenizer
 from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
+from ldm.pipelines.latent_transformer import pipeline_for
 from ldm.training.checkpoints import find_checkpoint, save_run_config
 from ldm.training.evaluation import HeldOutImages, evaluation_due, held_out_images, log_held_out, summary
 from ldm.training.latent_batches import cached_empty_prompt, encode_captions, posterior, training_data
@@ -76,7 +80,7 @@ def train(config: UNetConfig) -> dict:
         check_lora_base(config)
     vae = load_frozen_vae(config)
     require_divisible(config.resolution, vae_scale_factor(vae.config), "VAE")
-    unet = load_unet(config)
+    unet = load_denoiser(config)  # named for the UNet it usually is; a transformer trains the same way
     if config.lora_rank:
         check_targets(unet, config.lora_target_modules)
     accelerator = make_accelerator(config, "train_unet")
@@ -84,7 +88,8 @@ def train(config: UNetConfig) -> dict:
         save_run_config(config, config.output_dir)
     train_rows, held_out_rows = (open_stream(config), None) if config.streaming else load_splits(config)
     tokenizer, text_encoder = text_side(config, train_rows, accelerator, resuming)
-    check_cross_attention(unet, text_encoder)
+    check_text_width(unet, text_encoder)
+    padding_eos = tokenizer.eos_token_id if is_transformer(unet) else None  # a transformer masks the padding
     noise_scheduler = objective.noise_scheduler(config.prediction_type, config.zero_terminal_snr, config.beta_schedule,
                                                 config.beta_start, config.beta_end, config.num_train_timesteps,
                                                 config.flow_shift)
@@ -92,10 +97,11 @@ def train(config: UNetConfig) -> dict:
     text_encoder.to(accelerator.device)
 
     # 2. Data: cached latents (and text embeddings), a stream, or images encoded in the step.
-    data = training_data(config, accelerator, train_rows, vae, tokenizer, text_encoder)
+    data = training_data(config, accelerator, train_rows, vae, tokenizer, text_encoder, padding_eos)
     held_out = held_out_images(config, accelerator, held_out_rows, vae, resuming)
     empty_ids = tokenize(tokenizer, [""]).to(accelerator.device)
-    empty = cached_empty_prompt(text_encoder, empty_ids, config.cache_dtype) if data.texts_cached else None
+    empty = cached_empty_prompt(text_encoder, empty_ids, config.cache_dtype, padding_eos) if data.texts_cached \
+        else None
 
     # 3. Models and optimizer: the UNet, and the text encoder when it trains jointly; for LoRA, adapters
     # on both instead, their bases frozen. Only trainable weights reach the optimizer and the EMA.
@@ -161,8 +167,8 @@ def train(config: UNetConfig) -> dict:
                 noisy = objective.noised(noise_scheduler, latents, noise, timesteps, config.input_perturbation,
                                          generator)
                 conditioning = encode_captions(batch, tokenizer, text_encoder, empty, empty_ids,
-                                               config.caption_dropout, generator)
-                prediction = unet(noisy, objective.model_timesteps(noise_scheduler, timesteps), conditioning).sample
+                                               config.caption_dropout, generator, padding_eos)
+                prediction = denoise(unet, noisy, objective.model_timesteps(noise_scheduler, timesteps), conditioning)
                 target = objective.target(noise_scheduler, latents, noise, timesteps)
                 per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
                 weights = objective.loss_weights(noise_scheduler, timesteps, config.snr_gamma, config.weighting_scheme)
@@ -239,14 +245,12 @@ def load_frozen_vae(config: UNetConfig) -> AutoencoderKL:
     return vae.eval().requires_grad_(False)
 
 
-def load_unet(config: UNetConfig) -> UNet2DConditionModel:
-    """A pretrained UNet (a pipeline's `unet/` or a UNet folder) to fine-tune, or a new one."""
+def load_denoiser(config: UNetConfig) -> torch.nn.Module:
+    """A pretrained denoiser (a pipeline's `unet/` or `transformer/`, or a model folder) to fine-tune, or a new one."""
     source = config.pretrained_model_name_or_path
     if source is None:
-        torch.manual_seed(config.seed)
-        return UNet2DConditionModel.from_config(read_architecture(config.unet_config, UNet2DConditionModel))
-    subfolder = "unet" if find_model(source, config.revision).is_pipeline else None
-    return UNet2DConditionModel.from_pretrained(source, subfolder=subfolder, revision=config.revision)
+        return build_denoiser(config.architecture_file, config.seed)
+    return load_pretrained_denoiser(source, config.revision)
 
 
 def check_lora_base(config: UNetConfig) -> None:
@@ -257,6 +261,10 @@ def check_lora_base(config: UNetConfig) -> None:
         raise ConfigError(f"pretrained_model_name_or_path {config.pretrained_model_name_or_path!r} holds a "
                           f"{found.class_name}, not a pipeline: LoRA adapts a whole pipeline (model_index.json, "
                           "unet/, text_encoder/, tokenizer/, vae/)")
+    if "transformer" in dict(found.components):
+        raise ConfigError(f"lora_rank {config.lora_rank}: {config.pretrained_model_name_or_path!r} is a transformer "
+                          "pipeline, and PixArtTransformer2DModel has no LoRA support in diffusers (no "
+                          "PeftAdapterMixin); fine-tune it whole (without --lora_rank) or adapt a UNet pipeline")
 
 
 def text_side(config: UNetConfig, train_rows, accelerator: Accelerator, resuming: bool):
@@ -276,13 +284,6 @@ def text_side(config: UNetConfig, train_rows, accelerator: Accelerator, resuming
     tokenizer = CLIPTokenizer.from_pretrained(folder)
     torch.manual_seed(config.seed)  # every process, and every resumed run, builds the same weights
     return tokenizer, build_text_encoder(tokenizer, config.text_encoder_config)
-
-
-def check_cross_attention(unet: UNet2DConditionModel, text_encoder) -> None:
-    if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
-        raise ConfigError(f"the UNet's cross_attention_dim {unet.config.cross_attention_dim} does not match the "
-                          f"text encoder's hidden_size {text_encoder.config.hidden_size}; set cross_attention_dim "
-                          f"to {text_encoder.config.hidden_size} in the UNet config.json")
 
 
 def adam_class(config: UNetConfig):
@@ -331,21 +332,21 @@ def exported_pipeline(accelerator, vae, tokenizer, text_encoder, unet, ema, nois
     parts = dict(vae=vae, text_encoder=accelerator.unwrap_model(text_encoder), tokenizer=tokenizer,
                  scheduler=DPMSolverMultistepScheduler.from_config(noise_scheduler.config))
     if not is_adapted(unet):
-        copy = UNet2DConditionModel.from_config(unet.config)
+        copy = type(unet).from_config(unet.config)
         copy.load_state_dict(unet.state_dict())
         if ema is not None:
             ema.copy_to(copy.parameters())
-        yield LatentDiffusionPipeline(unet=copy.to(accelerator.device).eval(), **parts)
+        yield pipeline_for(copy.to(accelerator.device).eval(), **parts)
         return
     was_training = unet.training
     with averaged_weights(ema, unet):
         try:
-            yield LatentDiffusionPipeline(unet=unet.eval(), **parts)
+            yield pipeline_for(unet.eval(), **parts)
         finally:
             unet.train(was_training)
 
 
-def save_model(pipeline: LatentDiffusionPipeline, config: UNetConfig) -> None:
+def save_model(pipeline, config: UNetConfig) -> None:
     """The pipeline folder; for a LoRA run, the adapters alone (pytorch_lora_weights.safetensors)."""
     if config.lora_rank:
         text_encoder = pipeline.text_encoder if config.train_text_encoder_lora else None

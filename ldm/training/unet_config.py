@@ -9,6 +9,7 @@ from typing import Literal, Optional
 
 from ldm.config import ConfigError, require
 from ldm.data.config import CacheConfig
+from ldm.models.denoiser import read_denoiser_architecture
 from ldm.training.config import HeldOutConfig, TrainConfig
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers' LoRA scripts' default: the attention projections
@@ -16,12 +17,17 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers' LoRA scripts' 
 
 @dataclass
 class UNetConfig(TrainConfig, CacheConfig, HeldOutConfig):
-    """train_unet.py: a text-conditioned UNet2DConditionModel on the latents of a frozen VAE."""
+    """train_unet.py: a text-conditioned denoiser (a UNet2DConditionModel or a PixArtTransformer2DModel) on
+    the latents of a frozen VAE."""
 
+    denoiser_config: Optional[str] = field(default=None, metadata={
+        "help": "the denoiser to train from scratch: a diffusers config.json of a UNet2DConditionModel or a "
+                "PixArtTransformer2DModel (configs/models/pixart_demo.json); default: unet_config"})
     unet_config: str = field(default="configs/models/unet_demo.json", metadata={
-        "help": "a diffusers UNet2DConditionModel config.json: the architecture to train from scratch"})
+        "help": "the UNet2DConditionModel config.json to train from scratch when denoiser_config is unset"})
     pretrained_model_name_or_path: Optional[str] = field(default=None, metadata={
-        "help": "fine-tune this pipeline folder/Hub id (its unet/) or UNet folder, instead of unet_config"})
+        "help": "fine-tune this pipeline folder/Hub id (its unet/ or transformer/) or model folder, instead of "
+                "building denoiser_config"})
     pretrained_vae_model_name_or_path: Optional[str] = field(default=None, metadata={
         "help": "the frozen VAE: a train_vae.py output folder or a Hub id; default: outputs/vae, or with "
                 "--lora_rank the pipeline's own"})
@@ -104,6 +110,11 @@ class UNetConfig(TrainConfig, CacheConfig, HeldOutConfig):
             self.lora_target_modules = self.lora_target_modules or list(LORA_TARGETS)
 
     @property
+    def architecture_file(self) -> str:
+        """The config.json a from-scratch run builds its denoiser from."""
+        return self.denoiser_config or self.unet_config
+
+    @property
     def trains_text_encoder(self) -> bool:
         """Whether the text encoder changes during training (so its states cannot be cached)."""
         return self.train_text_encoder or self.train_text_encoder_lora
@@ -112,9 +123,12 @@ class UNetConfig(TrainConfig, CacheConfig, HeldOutConfig):
         super().validate()
         self.validate_lora()
         self.validate_objective()
-        if self.pretrained_model_name_or_path is None and not os.path.isfile(self.unet_config):
-            raise ConfigError(f"unet_config {self.unet_config!r} is not a file; give a diffusers config.json "
-                              "(see configs/models/) or --pretrained_model_name_or_path")
+        if self.pretrained_model_name_or_path is None:
+            name = "denoiser_config" if self.denoiser_config else "unet_config"
+            if not os.path.isfile(self.architecture_file):
+                raise ConfigError(f"{name} {self.architecture_file!r} is not a file; give a diffusers config.json "
+                                  "(see configs/models/) or --pretrained_model_name_or_path")
+            read_denoiser_architecture(self.architecture_file)  # an unknown key or class fails here, not later
         if self.text_encoder_name_or_path is None and not os.path.isfile(self.text_encoder_config):
             raise ConfigError(f"text_encoder_config {self.text_encoder_config!r} is not a file")
         require(0 <= self.caption_dropout < 1, "caption_dropout", self.caption_dropout, "a fraction in [0, 1)")
