@@ -46,7 +46,7 @@ def generate(*argv: str) -> list:
 
 def load_for_training(vae_id: str, pipeline_id: str, output_dir: str) -> None:
     from ldm.models.text import load_text_components
-    from ldm.training.unet import load_frozen_vae, load_unet
+    from ldm.training.unet import load_denoiser, load_frozen_vae
     from ldm.training.unet_config import UNetConfig
     from ldm.training.vae import load_vae, vae_architecture
     from ldm.training.vae_config import VAEConfig
@@ -56,7 +56,7 @@ def load_for_training(vae_id: str, pipeline_id: str, output_dir: str) -> None:
     config = UNetConfig(pretrained_vae_model_name_or_path=vae_id, pretrained_model_name_or_path=pipeline_id,
                         text_encoder_name_or_path=pipeline_id, revision="main")
     load_frozen_vae(config).save_pretrained(os.path.join(output_dir, "vae"))
-    load_unet(config).save_pretrained(os.path.join(output_dir, "unet"))
+    load_denoiser(config).save_pretrained(os.path.join(output_dir, "unet"))
     tokenizer, text_encoder = load_text_components(config.text_encoder_name_or_path, config.revision)
     text_encoder.save_pretrained(os.path.join(output_dir, "text_encoder"))
     tokenizer.save_pretrained(os.path.join(output_dir, "tokenizer"))
