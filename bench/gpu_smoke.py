@@ -119,6 +119,15 @@ def main() -> int:
                 "generate.py", "--model", flow, "--prompt", "grinning face", "--scheduler", "flow_euler",
                 "--num_inference_steps", "10", "--device", "auto", "--dtype", dtype,
                 "--output_dir", os.path.join(args.out, "flow-samples")], results)
+        pixart = os.path.join(args.out, "pixart-flow")  # configs/transformer/sd_f8_256_flow.yaml's transformer
+        if run(f"train_unet.py --denoiser_config pixart_256.json (flow) {precisions[-1]}", [
+                *unet_common, "--max_train_samples", "64", "--mixed_precision", precisions[-1], "--denoiser_config",
+                "configs/models/pixart_256.json", "--prediction_type", "flow_prediction", "--snr_gamma", "0",
+                "--timestep_sampling", "logit_normal", "--text_encoder_name_or_path", pipelines[0],
+                "--output_dir", pixart], results):
+            run(f"generate.py transformer {dtype}", [
+                "generate.py", "--model", pixart, "--prompt", "grinning face", "--num_inference_steps", "10",
+                "--device", "auto", "--dtype", dtype, "--output_dir", os.path.join(args.out, "pixart-samples")], results)
         samples = os.path.join(args.out, "samples")
         if run(f"generate.py {dtype}", [
                 "generate.py", "--model", pipelines[0], "--prompt", "grinning face", "--num_images_per_prompt", "2",
