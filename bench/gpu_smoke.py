@@ -127,7 +127,8 @@ def main() -> int:
                 "--output_dir", pixart], results):
             run(f"generate.py transformer {dtype}", [
                 "generate.py", "--model", pixart, "--prompt", "grinning face", "--num_inference_steps", "10",
-                "--device", "auto", "--dtype", dtype, "--output_dir", os.path.join(args.out, "pixart-samples")], results)
+                "--device", "auto", "--dtype", dtype,
+                "--output_dir", os.path.join(args.out, "pixart-samples")], results)
         samples = os.path.join(args.out, "samples")
         if run(f"generate.py {dtype}", [
                 "generate.py", "--model", pipelines[0], "--prompt", "grinning face", "--num_images_per_prompt", "2",
