@@ -261,6 +261,34 @@ def test_flow_settings_without_flow_and_diffusers_names_for_samplers():
                                      ).flow_shift, 3.0)
 
 
+def test_a_fine_tuning_takes_the_objective_it_is_not_given_from_its_base_and_a_lora_must_keep_it():
+    flow_base, epsilon_base = flow_config(), objective.noise_scheduler("epsilon").config
+
+    def adopted(base, *flags):
+        config = parse_config(UNetConfig, ["--pretrained_model_name_or_path", "base", *flags])
+        config.adopt_base_objective(base)
+        return config.prediction_type, config.flow_shift
+
+    for lora in ([], ["--lora_rank", "4"]):
+        assert adopted(flow_base, *lora) == ("flow_prediction", SHIFT)
+        assert adopted(epsilon_base, *lora) == ("epsilon", 1.0)
+        assert adopted(None, *lora) == ("epsilon", 1.0)  # a UNet folder: no scheduler to read
+        assert adopted(flow_base, *lora, "--prediction_type", "flow_prediction", "--flow_shift", "3") == (
+            "flow_prediction", SHIFT)
+    # the whole UNet may change objective (its saved scheduler says the new one), but only when told to
+    assert adopted(flow_base, "--prediction_type", "v_prediction") == ("v_prediction", 1.0)
+    assert adopted(flow_base, "--flow_shift", "1") == ("flow_prediction", 1.0)
+    assert adopted(epsilon_base, "--prediction_type", "flow_prediction") == ("flow_prediction", 1.0)
+    with pytest.raises(ConfigError, match="flow_shift = 1.0 is invalid; expected unset or 3.0, the base pipeline's"):
+        adopted(flow_base, "--lora_rank", "4", "--flow_shift", "1")
+    with pytest.raises(ConfigError, match="prediction_type = 'v_prediction' is invalid; expected unset or 'epsilon'"):
+        adopted(epsilon_base, "--lora_rank", "4", "--prediction_type", "v_prediction")
+    with pytest.raises(ConfigError, match="weighting_scheme = 'cosmap' is invalid; expected none unless"):
+        adopted(epsilon_base, "--lora_rank", "4", "--weighting_scheme", "cosmap", "--snr_gamma", "0")
+    assert adopted(flow_base, "--lora_rank", "4", "--weighting_scheme", "cosmap", "--snr_gamma", "0")[0] == (
+        "flow_prediction")
+
+
 def test_distilling_a_flow_teacher_fails_naming_it():
     with pytest.raises(ConfigError, match="teacher 'outputs/flow' is a flow_prediction model"):
         check_teacher_schedule("outputs/flow", flow_config())

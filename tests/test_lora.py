@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import yaml
 from accelerate.state import AcceleratorState
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import convert_unet_state_dict_to_peft
@@ -17,7 +18,8 @@ from transformers import CLIPTextModel
 
 import generate
 import train_unet
-from ldm.config import ConfigError
+from ldm.config import RUN_CONFIG, ConfigError
+from ldm.diffusion.objective import noise_scheduler
 from ldm.hub.files import LORA_WEIGHTS
 from ldm.models.lora import check_targets
 from ldm.models.text import text_encoder_config
@@ -36,11 +38,8 @@ def fresh_accelerator_state():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory, tiny_tokenizer) -> str:
-    """A tiny pipeline to adapt. Its DDIM scheduler has Stable Diffusion's steps_offset=1, which
-    StableDiffusionPipeline would otherwise rewrite on loading (and then draw on other timesteps)."""
-    folder = tmp_path_factory.mktemp("base") / "pipeline"
+def save_base(folder, tokenizer, scheduler) -> str:
+    """A tiny pipeline to adapt, with `scheduler`, written to `folder`."""
     torch.manual_seed(0)
     LatentDiffusionPipeline(
         vae=AutoencoderKL.from_config({**TINY_VAE, "scaling_factor": 0.8}),
@@ -48,10 +47,28 @@ def base(tmp_path_factory, tiny_tokenizer) -> str:
         # convolution's, which decides how diffusers' loader reads every key (see assert_every_unet_adapter_loaded)
         unet=UNet2DConditionModel.from_config(dict(TINY_UNET, down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
                                                    up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"])),
-        text_encoder=CLIPTextModel(text_encoder_config(tiny_tokenizer, **TINY_TEXT_ENCODER)), tokenizer=tiny_tokenizer,
-        scheduler=DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, steps_offset=1),
+        text_encoder=CLIPTextModel(text_encoder_config(tokenizer, **TINY_TEXT_ENCODER)), tokenizer=tokenizer,
+        scheduler=scheduler,
     ).save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, tiny_tokenizer) -> str:
+    """Its DDIM scheduler has Stable Diffusion's steps_offset=1, which StableDiffusionPipeline would otherwise
+    rewrite on loading (and then draw on other timesteps)."""
+    return save_base(tmp_path_factory.mktemp("base") / "pipeline", tiny_tokenizer,
+                     DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, steps_offset=1))
+
+
+FLOW_SHIFT = 2.0
+
+
+@pytest.fixture(scope="module")
+def flow_base(tmp_path_factory, tiny_tokenizer) -> str:
+    """A rectified-flow pipeline, with the sampler train_unet.py saves for one (DPM-Solver++ on flow sigmas)."""
+    return save_base(tmp_path_factory.mktemp("flow-base") / "pipeline", tiny_tokenizer,
+                     noise_scheduler("flow_prediction", flow_shift=FLOW_SHIFT))
 
 
 def lora_argv(base, output_dir, *extra):
@@ -219,6 +236,13 @@ BAD_SETTINGS = {  # flags (after the base pipeline's, where "base" stands for it
                         "lora_target_modules 'norm1' matches down_blocks.0.resnets.0.norm1 "
                         "(GroupNorm), which LoRA does not adapt here"),
     "a UNet alone": (["unet", "--lora_rank", "4"], "holds a UNet2DConditionModel, not a pipeline"),
+    "another objective than the base's": (["flow", "--lora_rank", "4", "--prediction_type", "epsilon"],
+                                          "prediction_type = 'epsilon' is invalid; expected unset or "
+                                          "'flow_prediction', the base pipeline's, with --lora_rank"),
+    "another shift than the base's": (["flow", "--lora_rank", "4", "--flow_shift", "3"],
+                                      "flow_shift = 3.0 is invalid; expected unset or 2.0, the base pipeline's"),
+    "flow on an epsilon base": (["base", "--lora_rank", "4", "--prediction_type", "flow_prediction"],
+                                "prediction_type = 'flow_prediction' is invalid; expected unset or 'epsilon'"),
 }
 
 
@@ -235,9 +259,9 @@ def test_unet_layers_with_text_encoder_names_are_refused():
 
 
 @pytest.mark.parametrize("case", BAD_SETTINGS)
-def test_bad_lora_settings_fail_before_any_work(base, tmp_path, case):
+def test_bad_lora_settings_fail_before_any_work(base, flow_base, tmp_path, case):
     flags, message = BAD_SETTINGS[case]
-    where = {"base": base, "unet": os.path.join(base, "unet")}
+    where = {"base": base, "unet": os.path.join(base, "unet"), "flow": flow_base}
     flags = ["--pretrained_model_name_or_path", where[flags[0]], *flags[1:]] if flags[0] in where else flags
     with pytest.raises(ConfigError) as raised:
         train_unet.main(["--output_dir", str(tmp_path / "run"), "--report_to", "none", *flags])
@@ -260,3 +284,26 @@ def test_two_process_lora_run_with_mixed_precision(base, tmp_path, openmoji_32):
     without = draw(pipe)
     pipe.load_lora_weights(str(out))
     assert abs(draw(pipe) - without).max() > 1e-3
+
+
+# ---------------------------------------------------------------- a rectified-flow base
+
+
+def test_a_lora_of_a_flow_base_trains_its_objective_and_generate_draws_with_it(flow_base, tmp_path, openmoji_32):
+    """Neither --prediction_type nor --flow_shift given: the run takes both from the base's scheduler config, and
+    its adapters load into the flow pipeline; scale 0 draws the base's own image, scale 1 another."""
+    out = tmp_path / "lora"
+    train_unet.main(lora_argv(flow_base, out, "--max_train_steps", "3", *TARGETS))
+    resolved = yaml.safe_load((out / RUN_CONFIG).read_text())
+    assert (resolved["prediction_type"], resolved["flow_shift"]) == ("flow_prediction", FLOW_SHIFT)
+    png = {}
+    for name, flags in {"plain": [], "adapted": ["--lora", str(out)], "off": ["--lora", str(out), "--lora_scale", "0"]
+                        }.items():
+        assert generate.main(["--model", flow_base, "--prompt", "red heart", "--num_inference_steps", "3",
+                              "--output_dir", str(tmp_path / name), *flags]) == 0
+        png[name] = Image.open(tmp_path / name / "0000-red-heart-seed0.png")
+    assert png["plain"].text["scheduler"] == "dpm++2m"  # the base's flow sampler, adapters or not
+    pixels = {name: np.asarray(image) for name, image in png.items()}
+    assert np.array_equal(pixels["off"], pixels["plain"])
+    assert not np.array_equal(pixels["adapted"], pixels["plain"])
+

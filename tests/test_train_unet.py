@@ -12,7 +12,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from safetensors.torch import load_file
 
 import train_unet
-from ldm.config import ConfigError, parse_config
+from ldm.config import RUN_CONFIG, ConfigError, parse_config
 from ldm.data.dataset import load_splits
 from ldm.diffusion.objective import noise_scheduler
 from ldm.models.text import load_text_components
@@ -223,6 +223,22 @@ def test_flow_run_saves_a_flow_pipeline_that_generate_draws(parts, tmp_path, ope
     assert refused.returncode == 2
     assert "'ddim' cannot sample a flow_prediction model; the ones that can: dpm++2m, unipc" in refused.stderr
     assert not os.path.exists(tmp_path / "ddim") or not os.listdir(tmp_path / "ddim")
+
+
+def test_fine_tuning_a_flow_pipeline_keeps_its_objective_and_shift(parts, tmp_path, openmoji_32):
+    """No --prediction_type or --flow_shift: the whole UNet fine-tunes on the base's flow objective and shift,
+    which the saved pipeline's scheduler and training_config.yaml then say."""
+    base = tmp_path / "base"
+    train_unet.main(argv(parts, base, "--max_train_steps", "1", "--validation_steps", "100", *FLOW))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    tuned = tmp_path / "tuned"
+    train_unet.main(argv(parts, tuned, "--max_train_steps", "1", "--validation_steps", "100",
+                         "--pretrained_model_name_or_path", str(base), "--text_encoder_name_or_path", str(base)))
+    saved = json.loads((tuned / "scheduler" / "scheduler_config.json").read_text())
+    assert (saved["prediction_type"], saved["use_flow_sigmas"], saved["flow_shift"]) == ("flow_prediction", True, 2.5)
+    resolved = parse_config(UNetConfig, ["--config", str(tuned / RUN_CONFIG)])
+    assert (resolved.prediction_type, resolved.flow_shift) == ("flow_prediction", 2.5)
+    assert not all(torch.equal(a, b) for a, b in zip(unet_weights(base).values(), unet_weights(tuned).values()))
 
 
 @pytest.mark.parametrize("data", ["latents and text cached", "latents cached", "nothing cached"])

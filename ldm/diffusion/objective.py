@@ -54,6 +54,15 @@ def trained_schedule(scheduler_config) -> SchedulerMixin:
     return DDPMScheduler.from_config(scheduler_config)
 
 
+def objective_of(scheduler_config) -> tuple[str, float]:
+    """(prediction type, flow shift) of the model a pipeline's scheduler config samples; epsilon for None (no
+    pipeline). A FlowMatch scheduler's config says no prediction type: its shift marks it as flow."""
+    shift = None if scheduler_config is None else flow.flow_shift_of(scheduler_config)
+    if shift is not None:
+        return flow.FLOW_PREDICTION, shift
+    return (scheduler_config or {}).get("prediction_type", "epsilon"), 1.0
+
+
 def is_flow(scheduler: SchedulerMixin) -> bool:
     return scheduler.config.get("prediction_type") == flow.FLOW_PREDICTION
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from diffusers import AutoencoderKL, DPMSolverMultistepScheduler
+from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler
 from tqdm.auto import tqdm
 from transformers import CLIPTokenizer
 
@@ -78,6 +78,7 @@ def train(config: UNetConfig) -> dict:
     resuming = find_checkpoint(config.resume_from_checkpoint, config.output_dir) is not None
     if config.lora_rank:
         check_lora_base(config)
+    config.adopt_base_objective(base_schedule(config))
     vae = load_frozen_vae(config)
     require_divisible(config.resolution, vae_scale_factor(vae.config), "VAE")
     unet = load_denoiser(config)  # named for the UNet it usually is; a transformer trains the same way
@@ -265,6 +266,15 @@ def check_lora_base(config: UNetConfig) -> None:
         raise ConfigError(f"lora_rank {config.lora_rank}: {config.pretrained_model_name_or_path!r} is a transformer "
                           "pipeline, and PixArtTransformer2DModel has no LoRA support in diffusers (no "
                           "PeftAdapterMixin); fine-tune it whole (without --lora_rank) or adapt a UNet pipeline")
+
+
+def base_schedule(config: UNetConfig) -> dict | None:
+    """The scheduler config of the pipeline being fine-tuned, which says its objective; None for a new UNet or a
+    UNet folder."""
+    source = config.pretrained_model_name_or_path
+    if source is None or not find_model(source, config.revision).is_pipeline:
+        return None
+    return dict(DDPMScheduler.load_config(source, subfolder="scheduler", revision=config.revision))
 
 
 def text_side(config: UNetConfig, train_rows, accelerator: Accelerator, resuming: bool):

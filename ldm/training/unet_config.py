@@ -9,6 +9,7 @@ from typing import Literal, Optional
 
 from ldm.config import ConfigError, require
 from ldm.data.config import CacheConfig
+from ldm.diffusion.objective import objective_of
 from ldm.models.denoiser import read_denoiser_architecture
 from ldm.training.config import HeldOutConfig, TrainConfig
 
@@ -54,12 +55,14 @@ class UNetConfig(TrainConfig, CacheConfig, HeldOutConfig):
     lora_concept: Optional[str] = field(default=None, metadata={
         "help": "the words in the captions that call up what the adapter learnt, for the model card's instance_prompt"})
     output_dir: str = "outputs/unet"
-    prediction_type: Literal["epsilon", "v_prediction", "sample", "flow_prediction"] = field(
-        default="epsilon", metadata={"help": "what the UNet predicts: the noise, v, x0, or (flow_prediction) "
-                                             "the velocity noise - x0 on x_t = (1 - sigma) x0 + sigma noise"})
-    flow_shift: float = field(default=1.0, metadata={
+    prediction_type: Optional[Literal["epsilon", "v_prediction", "sample", "flow_prediction"]] = field(
+        default=None, metadata={"help": "what the UNet predicts: the noise, v, x0, or (flow_prediction) the velocity "
+                                        "noise - x0 on x_t = (1 - sigma) x0 + sigma noise; default: the pipeline's "
+                                        "of --pretrained_model_name_or_path (a LoRA must keep it), else epsilon"})
+    flow_shift: Optional[float] = field(default=None, metadata={
         "help": "flow_prediction: sigma' = s sigma / (1 + (s - 1) sigma) for training and the saved sampler; "
-                "above 1 trains and samples noisier (SD3 uses 3 at 1024 px)"})
+                "above 1 trains and samples noisier (SD3 uses 3 at 1024 px); default: the pipeline's of "
+                "--pretrained_model_name_or_path (a LoRA must keep it), else 1"})
     weighting_scheme: Literal["none", "sigma_sqrt", "cosmap", "logit_normal"] = field(default="none", metadata={
         "help": "flow_prediction: diffusers' SD3 loss weighting (sigma_sqrt, cosmap; with --snr_gamma 0); "
                 "logit_normal is --timestep_sampling logit_normal"})
@@ -108,6 +111,8 @@ class UNetConfig(TrainConfig, CacheConfig, HeldOutConfig):
         if adapted:
             self.text_encoder_name_or_path = self.text_encoder_name_or_path or adapted
             self.lora_target_modules = self.lora_target_modules or list(LORA_TARGETS)
+        if self.pretrained_model_name_or_path is None:
+            self.adopt_base_objective(None)  # a new UNet: nothing to inherit; a pipeline's is read by train()
 
     @property
     def architecture_file(self) -> str:
@@ -169,12 +174,33 @@ class UNetConfig(TrainConfig, CacheConfig, HeldOutConfig):
     def is_flow(self) -> bool:
         return self.prediction_type == "flow_prediction"
 
+    def adopt_base_objective(self, base_schedule: dict | None) -> None:
+        """Fill in the objective the flags leave unset from `base_schedule`, the scheduler config of the
+        pipeline being fine-tuned (None for a new UNet or a UNet folder: epsilon), and check it.
+
+        A LoRA keeps its base's objective and shift: its adapters are loaded into the base pipeline and sampled
+        with the base's sampler, so a flag that says otherwise is refused. Fine-tuning the whole UNet may
+        change them (the saved pipeline's scheduler then says the new ones), but only when told to."""
+        kind, shift = objective_of(base_schedule)
+        if self.lora_rank is not None:
+            for name, base_value in (("prediction_type", kind), ("flow_shift", shift)):
+                value = getattr(self, name)
+                require(value is None or value == base_value, name, value, f"unset or {base_value!r}, the base "
+                        f"pipeline's, with --lora_rank: adapters train for, and are sampled with, its objective")
+        self.prediction_type = self.prediction_type or kind
+        if self.flow_shift is None:
+            self.flow_shift = shift if self.prediction_type == kind else 1.0
+        self.validate_objective()
+
     def validate_objective(self) -> None:
-        """The flow options, and the DDPM ones that mean nothing for flow."""
-        require(math.isfinite(self.flow_shift) and self.flow_shift > 0, "flow_shift", self.flow_shift,
-                "a positive number (1: no shift)")
+        """The flow options, and the DDPM ones that mean nothing for flow. An objective left to the base
+        pipeline is checked once it is known (adopt_base_objective)."""
+        require(self.flow_shift is None or math.isfinite(self.flow_shift) and self.flow_shift > 0, "flow_shift",
+                self.flow_shift, "a positive number (1: no shift)")
+        if self.prediction_type is None:
+            return
         if not self.is_flow:
-            require(self.flow_shift == 1.0, "flow_shift", self.flow_shift, "1 unless --prediction_type is "
+            require(self.flow_shift in (None, 1.0), "flow_shift", self.flow_shift, "1 unless --prediction_type is "
                     "flow_prediction")
             require(self.weighting_scheme == "none", "weighting_scheme", self.weighting_scheme, "none unless "
                     "--prediction_type is flow_prediction (use --timestep_sampling and --snr_gamma)")
@@ -190,8 +216,6 @@ class UNetConfig(TrainConfig, CacheConfig, HeldOutConfig):
                 "logit_normal, which draws the timesteps from that density")
         require(not (self.snr_gamma and self.weighting_scheme in ("sigma_sqrt", "cosmap")), "snr_gamma",
                 self.snr_gamma, f"0 with --weighting_scheme {self.weighting_scheme}: both weight the loss")
-        require(self.lora_rank is None, "lora_rank", self.lora_rank, "unset with flow_prediction: a LoRA keeps "
-                "its base pipeline's objective and sampler, and fine-tuning a flow base is not supported yet")
 
     def validate_lora(self) -> None:
         """The LoRA settings, and the others they rule out. The target modules are checked against the
