@@ -143,9 +143,12 @@ def held_out_rows(unet: dict) -> list[tuple[str, str]]:
     """The final model's held-out loss and latent bits/dim (docs/evaluation.md), when the run measured them."""
     if "validation_loss" not in unet:
         return []
-    return [(f"UNet held-out loss (best {unet['best_validation_loss']:.4f} at step {unet['best_validation_step']})",
-             f"{unet['validation_loss']:.4f}"),
-            ("UNet latent bits/dim", f"{unet['latent_bits_per_dim']:.3f} ± {unet['latent_bits_per_dim_se']:.3f}")]
+    rows = [(f"UNet held-out loss (best {unet['best_validation_loss']:.4f} at step {unet['best_validation_step']})",
+             f"{unet['validation_loss']:.4f}")]
+    if "latent_bits_per_dim" in unet:  # a DDPM's bound: a flow model has none (docs/evaluation.md)
+        bound = f"{unet['latent_bits_per_dim']:.3f} ± {unet['latent_bits_per_dim_se']:.3f}"
+        rows.append(("UNet latent bits/dim", bound))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:

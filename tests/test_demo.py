@@ -68,6 +68,17 @@ def test_the_summary_shows_the_unets_held_out_loss_and_bound(tmp_path, monkeypat
     assert "| UNet latent bits/dim | 1.234 ± 0.012 |" in table
 
 
+def test_the_summary_of_a_flow_model_shows_its_held_out_loss_and_no_bound(tmp_path, monkeypatch):
+    """A flow model (the demo's objective) has a held-out loss but no DDPM bound in its metrics."""
+    monkeypatch.chdir(tmp_path)
+    unet = {"global_step": 1200, "validation_loss": 0.4012, "best_validation_loss": 0.4012, "best_validation_step": 1200}
+    for folder, metrics in ((demo.VAE_DIR, {"psnr": 24.4, "global_step": 1500}), (demo.UNET_DIR, unet)):
+        os.makedirs(folder)
+        json.dump(metrics, open(os.path.join(folder, "metrics.json"), "w"))
+    table = demo.summary({"UNet": 5.5}, fp32=200, bf16=900)
+    assert "| UNet held-out loss (best 0.4012 at step 1200) | 0.4012 |" in table and "bits/dim" not in table
+
+
 def test_the_matmul_probe_runs_for_the_time_asked_and_counts_its_flops():
     start = time.perf_counter()
     gflops = demo.matmul_gflops(torch.float32, seconds=0.3, size=256)

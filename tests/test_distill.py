@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from diffusers import DDIMScheduler, LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    LatentConsistencyModelPipeline,
+    LCMScheduler,
+    StableDiffusionPipeline,
+)
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -17,10 +23,12 @@ import distill
 import train_unet
 from ldm import generate
 from ldm.config import ConfigError, parse_config
+from ldm.diffusion.flow import shifted
+from ldm.diffusion.noise_paths import trailing_timesteps
 from ldm.hub.card import model_card
 from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
-from ldm.training.distill import trailing_timesteps, two_step_target
-from ldm.training.distill_config import DistillConfig
+from ldm.training.distill import two_step_target
+from ldm.training.distill_config import DistillConfig, check_teacher_schedule
 from tests.conftest import run_in_two_processes
 from tests.test_train_unet import ROOT, fresh_accelerator_state  # noqa: F401 (an autouse fixture)
 from tests.test_train_unet import argv as unet_argv
@@ -117,6 +125,59 @@ def test_a_two_stage_progressive_distillation_samples_with_ddim_in_its_own_steps
     assert np.abs(images[0] - images[1]).max() <= 1e-4
 
 
+FLOW_SHIFT = 2.0
+
+
+@pytest.fixture(scope="module")
+def flow_teacher(parts, tmp_path_factory, openmoji_32):
+    """A tiny rectified-flow pipeline that train_unet.py wrote (3 steps, shift 2, no min-SNR: the demo's objective)."""
+    folder = tmp_path_factory.mktemp("flow-teacher") / "pipeline"
+    train_unet.main(unet_argv(parts, folder, "--max_train_steps", "3", "--validation_steps", "100",
+                              "--text_encoder_name_or_path", str(parts / "clip"), "--prediction_type",
+                              "flow_prediction", "--flow_shift", str(FLOW_SHIFT), "--snr_gamma", "0"))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return folder
+
+
+@pytest.mark.parametrize("method", ["lcm", "progressive"])
+def test_a_flow_teacher_distils_into_a_student_that_diffusers_draws_alike(flow_teacher, tmp_path, method):
+    """Both methods step a flow teacher's path by Euler (DDIM) steps; the student is saved with first-order
+    DPM-Solver++ on the teacher's flow sigmas, which StableDiffusionPipeline runs as ours does."""
+    out = tmp_path / method
+    distill.main(argv(flow_teacher, out, "--method", method, "--teacher_steps", "8", "--max_train_steps", "2",
+                      "--validation_steps", "1"))
+    scheduler = DPMSolverMultistepScheduler.from_pretrained(out / "scheduler")
+    assert {key: scheduler.config[key] for key in ("prediction_type", "use_flow_sigmas", "flow_shift",
+                                                     "solver_order", "final_sigmas_type")} == {
+        "prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": FLOW_SHIFT, "solver_order": 1,
+        "final_sigmas_type": "zero"}
+    student, taught = unet_weights(out), unet_weights(flow_teacher)
+    assert not torch.equal(student["conv_in.weight"], taught["conv_in.weight"])
+    assert student["time_embedding.cond_proj.weight"].abs().sum() > 0
+
+    ours = LatentDiffusionPipeline.from_pretrained(out)
+    theirs = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, feature_extractor=None,
+                                                     requires_safety_checker=False)
+    images = []
+    for pipe in (ours, theirs):
+        pipe.set_progress_bar_config(disable=True)
+        images.append(pipe(["red heart", "cat face"], num_inference_steps=2, guidance_scale=5.0, output_type="np",
+                           generator=torch.Generator().manual_seed(3)).images)
+        # the points progressive distillation trained at 2 steps: u = 0.999 and 0.4995, shifted
+        expected = [int(shifted(u, FLOW_SHIFT) * 1000) for u in (0.999, 0.4995)]
+        assert pipe.scheduler.timesteps.tolist() == expected
+    assert np.abs(images[0] - images[1]).max() <= 1e-4 and images[0].std() > 0
+    assert generate.main(["--model", str(out), "--prompt", "red heart", "--output_dir", str(tmp_path / "s")]) == 0
+    drawn = Image.open(next((tmp_path / "s").glob("0000-*.png"))).text
+    assert (drawn["num_inference_steps"], drawn["guidance_scale"]) == ("2", "5.0")
+
+
+def test_a_zero_terminal_snr_epsilon_teacher_fails_naming_it():
+    schedule = DDIMScheduler(rescale_betas_zero_snr=True, prediction_type="epsilon").config
+    with pytest.raises(ConfigError, match="teacher 'outputs/zsnr' predicts epsilon on a zero-terminal-SNR"):
+        check_teacher_schedule("outputs/zsnr", schedule)
+
+
 @pytest.mark.parametrize("method", ["lcm", "progressive"])
 def test_a_run_resumed_from_a_checkpoint_ends_with_the_same_weights(teacher, tmp_path, method):
     """A run killed after its checkpoint at step 2 leaves that checkpoint: resumed from a copy of it to
@@ -190,10 +251,14 @@ def test_the_two_step_target_is_the_clean_image_when_the_teacher_knows_it():
         noise = (z - a_from.sqrt() * clean) / (1 - a_from).sqrt()
         return a_to.sqrt() * clean + (1 - a_to).sqrt() * noise
 
+    def coefficients(alpha_cumprod):
+        return alpha_cumprod.sqrt(), (1 - alpha_cumprod).sqrt()
+
     landed = ddim(ddim(noisy, start, middle), middle, end)
-    torch.testing.assert_close(two_step_target(noisy, landed, schedule[start], schedule[end]), clean,
-                               rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(two_step_target(noisy, landed, schedule[start], torch.ones(3)), landed)
+    torch.testing.assert_close(two_step_target(noisy, landed, coefficients(schedule[start]),
+                                               coefficients(schedule[end])), clean, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(two_step_target(noisy, landed, coefficients(schedule[start]),
+                                               coefficients(torch.ones(3))), landed)
 
 
 def test_the_demo_config_parses_for_both_methods():

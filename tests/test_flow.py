@@ -8,12 +8,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from diffusers import (
-    FlowMatchEulerDiscreteScheduler,
-    FlowMatchHeunDiscreteScheduler,
-    StableDiffusionImg2ImgPipeline,
-    StableDiffusionInpaintPipeline,
-)
+from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
 from diffusers.training_utils import compute_loss_weighting_for_sd3
 
 from ldm.config import ConfigError, parse_config
@@ -23,7 +18,6 @@ from ldm.diffusion.schedulers import make_scheduler, set_timesteps
 from ldm.evaluation.held_out import HeldOutSet
 from ldm.evaluation.likelihood import BoundUndefined, variational_bound
 from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
-from ldm.training.distill_config import check_teacher_schedule
 from ldm.training.unet_config import UNetConfig
 from tests.test_editing import both_draw, picture, square_mask
 from tests.test_pipeline import NEGATIVES, PROMPTS, both_pipelines
@@ -287,11 +281,3 @@ def test_a_fine_tuning_takes_the_objective_it_is_not_given_from_its_base_and_a_l
         adopted(epsilon_base, "--lora_rank", "4", "--weighting_scheme", "cosmap", "--snr_gamma", "0")
     assert adopted(flow_base, "--lora_rank", "4", "--weighting_scheme", "cosmap", "--snr_gamma", "0")[0] == (
         "flow_prediction")
-
-
-def test_distilling_a_flow_teacher_fails_naming_it():
-    with pytest.raises(ConfigError, match="teacher 'outputs/flow' is a flow_prediction model"):
-        check_teacher_schedule("outputs/flow", flow_config())
-    heun = FlowMatchHeunDiscreteScheduler(shift=2.0).config
-    with pytest.raises(ConfigError, match="flow_prediction model"):
-        check_teacher_schedule("outputs/flow", heun)

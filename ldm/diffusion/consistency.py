@@ -1,6 +1,6 @@
-"""The arithmetic of latent consistency distillation (Luo et al. 2023, arXiv 2310.04378), as plain
-functions that ldm/training/distill.py's loop and the tests share: the guidance embedding, the student built
-from its teacher, the boundary scalings, and the skipping-step DDIM solver.
+"""The student of a distillation (Luo et al. 2023, arXiv 2310.04378), as plain functions that
+ldm/training/distill.py's loop and the tests share: the guidance embedding, and the student built from its
+teacher. The steps along the teacher's noise path are ldm/diffusion/noise_paths.py's.
 
 Guidance follows the pipelines' convention: a user's scale g combines the conditional and
 unconditional predictions as u + g (c − u), and the UNet is told g − 1 (`timestep_cond`).
@@ -12,10 +12,6 @@ import math
 
 import torch
 from diffusers import UNet2DConditionModel
-
-from ldm.diffusion.objective import per_sample
-
-SIGMA_DATA = 0.5  # the data's standard deviation the boundary scalings assume, as LCMScheduler does
 
 
 def guidance_embedding(guidance_scale: torch.Tensor, dim: int) -> torch.Tensor:
@@ -45,61 +41,3 @@ def student_from(teacher: UNet2DConditionModel, embedding_dim: int) -> UNet2DCon
                            f"unexpected {unexpected}")
     torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
     return student.to(teacher.dtype)
-
-
-def boundary_scalings(timesteps: torch.Tensor, timestep_scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """c_skip and c_out of f(x, t) = c_skip·x + c_out·x̂₀, with c_skip(0) = 1 and c_out(0) = 0 so that
-    f is the identity at the boundary; as LCMScheduler computes them, timesteps scaled by
-    `timestep_scaling` so that the boundary region is narrow."""
-    scaled = timesteps.float() * timestep_scaling
-    c_skip = SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2)
-    c_out = scaled / (scaled**2 + SIGMA_DATA**2).sqrt()
-    return c_skip, c_out
-
-
-def clean_and_noise(prediction: torch.Tensor, sample: torch.Tensor, alpha_cumprod: torch.Tensor,
-                    prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The clean latents x̂₀ and the noise ε̂ that a UNet's `prediction` at x_t implies."""
-    alpha, sigma = per_sample(alpha_cumprod.sqrt(), sample), per_sample((1 - alpha_cumprod).sqrt(), sample)
-    if prediction_type == "epsilon":
-        return (sample - sigma * prediction) / alpha, prediction
-    if prediction_type == "v_prediction":
-        return alpha * sample - sigma * prediction, alpha * prediction + sigma * sample
-    if prediction_type == "sample":
-        return prediction, (sample - alpha * prediction) / sigma
-    raise ValueError(f"unknown prediction_type {prediction_type!r}; valid: epsilon, v_prediction, sample")
-
-
-class DDIMSolver:
-    """Deterministic DDIM steps on a grid of `num_ddim_timesteps` of the teacher's training timesteps.
-
-    The grid is k−1, 2k−1, …, T−1 with k = T / num_ddim_timesteps; one step goes from a grid point t to
-    max(t − k, 0), the step DDIMScheduler (eta 0, `set_alpha_to_one` false) takes with that many
-    inference steps.
-    """
-
-    def __init__(self, alphas_cumprod: torch.Tensor, num_ddim_timesteps: int):
-        train_timesteps = len(alphas_cumprod)
-        if not 1 <= num_ddim_timesteps <= train_timesteps:
-            raise ValueError(f"num_ddim_timesteps must be in [1, {train_timesteps}], got {num_ddim_timesteps}")
-        self.skip = train_timesteps // num_ddim_timesteps
-        self.timesteps = (torch.arange(1, num_ddim_timesteps + 1) * self.skip).round().long() - 1
-        self.alphas_cumprod = alphas_cumprod.float()
-
-    def draw(self, count: int, generator: torch.Generator | None, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """`count` grid points t and the points t − k one step below them."""
-        index = torch.randint(0, len(self.timesteps), (count,), generator=generator, device=device)
-        start = self.timesteps.to(device)[index]
-        return start, (start - self.skip).clamp(min=0)
-
-    def alpha_cumprod(self, timesteps: torch.Tensor) -> torch.Tensor:
-        return self.alphas_cumprod.to(timesteps.device)[timesteps]
-
-    def step(self, clean: torch.Tensor, noise: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
-        """x at the `previous` timesteps from the predicted x̂₀ and ε̂ (DDIM with eta 0)."""
-        return ddim_step(clean, noise, self.alpha_cumprod(previous))
-
-
-def ddim_step(clean: torch.Tensor, noise: torch.Tensor, alpha_cumprod: torch.Tensor) -> torch.Tensor:
-    """The deterministic DDIM update: x at the timestep whose ᾱ is `alpha_cumprod`, from x̂₀ and ε̂."""
-    return per_sample(alpha_cumprod.sqrt(), clean) * clean + per_sample((1 - alpha_cumprod).sqrt(), clean) * noise

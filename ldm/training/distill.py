@@ -1,11 +1,13 @@
 """distill.py's work: a few-step student of a trained pipeline by latent consistency distillation
-(Luo et al. 2023, arXiv 2310.04378), saved as a pipeline folder that diffusers' own pipelines load.
+(Luo et al. 2023, arXiv 2310.04378) or progressive distillation, saved as a pipeline folder that diffusers'
+own pipelines load.
 
-`distill` is the one training loop. Three UNets take part: the frozen teacher; the student, the
+`distill` is the one training loop. Three UNets take part in LCM: the frozen teacher; the student, the
 teacher's weights plus a guidance input that starts at zero (ldm/diffusion/consistency.py); and the target, an
 EMA of the student, which is what gets saved. Each step noises cached latents to a point t of the
-teacher's DDIM grid, lets the teacher (with classifier-free guidance at a drawn scale) take one DDIM
-step to t − k, and trains the student's estimate of x₀ at t to match the target's at t − k.
+teacher's noise path, lets the teacher (with classifier-free guidance at a drawn scale) take one DDIM
+step to t − k, and trains the student's estimate of x₀ at t to match the target's at t − k. The path is the
+teacher's (ldm/diffusion/noise_paths.py): a DDPM schedule, or a rectified flow, where a DDIM step is an Euler step.
 """
 
 from __future__ import annotations
@@ -20,21 +22,15 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from diffusers import DDIMScheduler, DDPMScheduler, LCMScheduler, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 from tqdm.auto import tqdm
 
 from ldm.config import ConfigError, require_divisible
 from ldm.data.captions import tokenize
 from ldm.data.dataset import load_splits
 from ldm.diffusion import objective
-from ldm.diffusion.consistency import (
-    DDIMSolver,
-    boundary_scalings,
-    clean_and_noise,
-    ddim_step,
-    guidance_embedding,
-    student_from,
-)
+from ldm.diffusion.consistency import guidance_embedding, student_from
+from ldm.diffusion.noise_paths import clean_and_noise, ddim_step, path_of
 from ldm.hub.files import DISTILLATION, HubError, find_model
 from ldm.pipelines.latent_diffusion import LatentDiffusionPipeline
 from ldm.training.checkpoints import find_checkpoint, save_run_config
@@ -153,54 +149,52 @@ def distill(config: DistillConfig) -> dict:
 
 
 class ConsistencyDistillation:
-    """Latent consistency distillation: the student's estimate of x₀ at a grid point t must match the
+    """Latent consistency distillation: the student's estimate of x₀ at a point t must match the
     target network's at t − k, after one guided DDIM step of the teacher. The target is the student's
     EMA, kept in an EMAModel (checkpointed) and copied into a UNet to run; it is what gets saved."""
 
     def __init__(self, teacher: LatentDiffusionPipeline, student: UNet2DConditionModel, config: DistillConfig,
                  accelerator: Accelerator):
         self.teacher, self.teacher_pipeline, self.config = teacher.unet, teacher, config
-        self.noise_schedule = DDPMScheduler.from_config(teacher.scheduler.config)  # the teacher's training schedule
-        self.prediction_type = self.noise_schedule.config.prediction_type
-        self.solver = DDIMSolver(self.noise_schedule.alphas_cumprod, config.num_ddim_timesteps)
+        self.path = path_of(teacher.scheduler.config)  # the teacher's training schedule
+        self.path.check_solver_steps(config.num_ddim_timesteps)
         self.target = copy.deepcopy(student).eval().requires_grad_(False).to(accelerator.device)
         self.ema = make_ema(student, config, accelerator, constant=True)
         self.autocast = accelerator.autocast  # the frozen UNets run at the trained one's precision
 
     def losses(self, student, latents: torch.Tensor, text: torch.Tensor, empty: torch.Tensor,
                generator: torch.Generator, global_step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each image's loss, and the grid timestep it was noised to."""
-        count, device = latents.shape[0], latents.device
-        start, end = self.solver.draw(count, generator, device)
+        """Each image's loss, and the point it was noised to."""
+        count, device, path = latents.shape[0], latents.device, self.path
+        start, end = path.consistency_pairs(count, self.config.num_ddim_timesteps, generator, device)
         noise = torch.randn(latents.shape, generator=generator, device=device)
-        noisy = self.noise_schedule.add_noise(latents, noise, start)
+        noisy = ddim_step(latents, noise, *path.coefficients(start))
         scales = draw_guidance(self.config, count, generator, device)
         condition = guidance_embedding(scales, self.config.guidance_embedding_dim)
 
-        prediction = student(noisy, start, text, timestep_cond=condition).sample
+        prediction = student(noisy, path.model_timesteps(start), text, timestep_cond=condition).sample
         estimate = self.consistency_output(prediction, noisy, start)
         with torch.no_grad():
             previous = self.teacher_step(noisy, start, end, text, empty.expand_as(text), scales)
             with self.autocast():
-                target_prediction = self.target(previous, end, text, timestep_cond=condition).sample
+                target_prediction = self.target(previous, path.model_timesteps(end), text,
+                                                timestep_cond=condition).sample
             goal = self.consistency_output(target_prediction.float(), previous, end)
         squared = (estimate.float() - goal) ** 2
         if self.config.loss_type == "huber":
             squared = (squared + self.config.huber_c ** 2).sqrt() - self.config.huber_c
         return squared.mean(dim=(1, 2, 3)), start
 
-    def consistency_output(self, prediction: torch.Tensor, sample: torch.Tensor, timesteps: torch.Tensor):
-        """f(x, t) = c_skip(t)·x + c_out(t)·x̂₀, the same arithmetic as LCMScheduler.step."""
-        clean, _ = clean_and_noise(prediction.float(), sample, self.solver.alpha_cumprod(timesteps),
-                                   self.prediction_type)
-        c_skip, c_out = boundary_scalings(timesteps, self.config.timestep_scaling)
-        return c_skip.view(-1, 1, 1, 1) * sample + c_out.view(-1, 1, 1, 1) * clean
+    def consistency_output(self, prediction: torch.Tensor, sample: torch.Tensor, points: torch.Tensor):
+        """f(x, t), which is the identity at the path's clean end."""
+        clean, _ = clean_and_noise(prediction.float(), sample, *self.path.coefficients(points),
+                                   self.path.prediction_type)
+        return self.path.consistency_output(clean, sample, points, self.config.timestep_scaling)
 
     def teacher_step(self, noisy, start, end, text, empty, scales) -> torch.Tensor:
         """One DDIM step of the teacher from `start` to `end`, guided at `scales` (both passes batched)."""
-        clean, noise = guided_teacher(self.teacher, noisy, start, text, empty, scales, self.solver.alpha_cumprod(start),
-                                      self.prediction_type, self.autocast)
-        return self.solver.step(clean, noise, end)
+        clean, noise = guided_teacher(self.teacher, self.path, noisy, start, text, empty, scales, self.autocast)
+        return ddim_step(clean, noise, *self.path.coefficients(end))
 
     def resumed(self, global_step: int) -> None:
         self.ema.copy_to(self.target.parameters())
@@ -213,25 +207,24 @@ class ConsistencyDistillation:
         return sorted(self.config.validation_inference_steps)
 
     def pipeline(self, student: UNet2DConditionModel) -> LatentDiffusionPipeline:
-        """The target UNet with an LCMScheduler on the teacher's noise schedule, its grid the solver's."""
-        scheduler = LCMScheduler.from_config(self.teacher_pipeline.scheduler.config,
-                                             original_inference_steps=self.config.num_ddim_timesteps,
-                                             timestep_scaling=self.config.timestep_scaling)
+        """The target UNet with the path's few-step sampler: an LCMScheduler on a DDPM teacher's schedule, its
+        grid the solver's; first-order DPM-Solver++ on a flow teacher's sigmas."""
+        scheduler = self.path.consistency_sampler(self.config.num_ddim_timesteps, self.config.timestep_scaling)
         return with_unet(self.teacher_pipeline, self.target, scheduler)
 
 
 class ProgressiveDistillation:
     """Progressive distillation (Salimans & Ho 2022, arXiv 2202.00512): in each stage the student
     learns to take in one DDIM step the two its teacher takes, then becomes the next stage's teacher;
-    the step count halves from `teacher_steps` down to `num_inference_steps`. The student predicts v
-    (ε-prediction breaks at few steps), and takes the guidance scale as an input as the LCM student
-    does; the first teacher is the original one with classifier-free guidance at that scale."""
+    the step count halves from `teacher_steps` down to `num_inference_steps`. The student of a DDPM teacher
+    predicts v (ε-prediction breaks at few steps), of a flow teacher the velocity; it takes the guidance scale
+    as an input as the LCM student does; the first teacher is the original one with classifier-free guidance
+    at that scale."""
 
     def __init__(self, teacher: LatentDiffusionPipeline, student: UNet2DConditionModel, config: DistillConfig,
                  accelerator: Accelerator):
         self.teacher, self.teacher_pipeline, self.config = teacher.unet, teacher, config
-        self.noise_schedule = DDPMScheduler.from_config(teacher.scheduler.config)
-        self.alphas_cumprod = self.noise_schedule.alphas_cumprod.to(accelerator.device)
+        self.path = path_of(teacher.scheduler.config)
         self.stages = int(math.log2(config.teacher_steps // config.num_inference_steps))
         self.stage_length = math.ceil(config.max_train_steps / self.stages)
         # The previous stage's student, teacher of the current stage: checkpointed, so a resumed run
@@ -249,44 +242,39 @@ class ProgressiveDistillation:
 
     def losses(self, student, latents: torch.Tensor, text: torch.Tensor, empty: torch.Tensor,
                generator: torch.Generator, global_step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each image's loss, and the timestep it was noised to."""
-        count, device = latents.shape[0], latents.device
+        """Each image's loss, and the point it was noised to."""
+        count, device, path = latents.shape[0], latents.device, self.path
         (steps,) = self.steps_now(global_step)
-        start = trailing_timesteps(steps, len(self.alphas_cumprod)).to(device)[
-            torch.randint(0, steps, (count,), generator=generator, device=device)]
-        jump = len(self.alphas_cumprod) // steps  # DDIMScheduler's step from t at `steps` steps
-        middle, end = start - jump // 2, start - jump
+        start, middle, end = path.progressive_points(steps, count, generator, device)
         noise = torch.randn(latents.shape, generator=generator, device=device)
-        noisy = self.noise_schedule.add_noise(latents, noise, start)
+        coefficients = path.coefficients(start)
+        noisy = ddim_step(latents, noise, *coefficients)
         scales = draw_guidance(self.config, count, generator, device)
         condition = guidance_embedding(scales, self.config.guidance_embedding_dim)
 
-        alpha_cumprod = self.alpha_cumprod(start)
         with torch.no_grad():
             halfway = self.teacher_step(noisy, start, middle, text, empty, scales, condition, global_step)
             twice = self.teacher_step(halfway, middle, end, text, empty, scales, condition, global_step)
-            goal = two_step_target(noisy, twice, alpha_cumprod, self.alpha_cumprod(end))
-        prediction = student(noisy, start, text, timestep_cond=condition).sample
-        estimate, _ = clean_and_noise(prediction.float(), noisy, alpha_cumprod, "v_prediction")
-        weights = objective.snr(self.noise_schedule, start).clamp(min=1.0)  # "truncated SNR" weighting of the x loss
+            goal = two_step_target(noisy, twice, coefficients, path.coefficients(end))
+        prediction = student(noisy, path.model_timesteps(start), text, timestep_cond=condition).sample
+        estimate, _ = clean_and_noise(prediction.float(), noisy, *coefficients, path.progressive_prediction_type)
+        alpha, sigma = coefficients
+        weights = (alpha / sigma).square().clamp(min=1.0)  # "truncated SNR" weighting of the x loss
         return weights * ((estimate - goal) ** 2).mean(dim=(1, 2, 3)), start
 
     def teacher_step(self, noisy, start, end, text, empty, scales, condition, global_step) -> torch.Tensor:
         """One DDIM step from `start` to `end` of this stage's teacher: the original one guided at
-        `scales` in the first stage, the previous student (v, guidance as input) after it."""
-        alpha_cumprod = self.alpha_cumprod(start)
+        `scales` in the first stage, the previous student (guidance as input) after it."""
         if self.stage(global_step) == 0:
-            clean, noise = guided_teacher(self.teacher, noisy, start, text, empty.expand_as(text), scales,
-                                          alpha_cumprod, self.noise_schedule.config.prediction_type, self.autocast)
+            clean, noise = guided_teacher(self.teacher, self.path, noisy, start, text, empty.expand_as(text),
+                                          scales, self.autocast)
         else:
             with self.autocast():
-                prediction = self.stage_teacher(noisy, start, text, timestep_cond=condition).sample
-            clean, noise = clean_and_noise(prediction.float(), noisy, alpha_cumprod, "v_prediction")
-        return ddim_step(clean, noise, self.alpha_cumprod(end))
-
-    def alpha_cumprod(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """ᾱ at `timesteps`, with 1 below 0: the last step lands on x₀ (DDIM's `set_alpha_to_one`)."""
-        return torch.where(timesteps >= 0, self.alphas_cumprod[timesteps.clamp(min=0)], 1.0)
+                prediction = self.stage_teacher(noisy, self.path.model_timesteps(start), text,
+                                                timestep_cond=condition).sample
+            clean, noise = clean_and_noise(prediction.float(), noisy, *self.path.coefficients(start),
+                                           self.path.progressive_prediction_type)
+        return ddim_step(clean, noise, *self.path.coefficients(end))
 
     def resumed(self, global_step: int) -> None:
         """Nothing to do: the stage teacher came back with the checkpoint."""
@@ -298,41 +286,34 @@ class ProgressiveDistillation:
                         f"teacher of the {self.steps_now(global_step)[0]}-step one", main_process_only=True)
 
     def pipeline(self, student: UNet2DConditionModel) -> LatentDiffusionPipeline:
-        """The student with a DDIMScheduler (v-prediction, trailing timesteps, last step to x₀) on
-        the teacher's noise schedule: it samples in exactly the steps it was distilled for."""
-        scheduler = DDIMScheduler.from_config(self.teacher_pipeline.scheduler.config, prediction_type="v_prediction",
-                                              timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=False)
-        return with_unet(self.teacher_pipeline, student, scheduler)
+        """The student with the path's sampler on the points it learnt: DDIM with trailing timesteps (v, last
+        step to x₀) on a DDPM teacher's schedule, first-order DPM-Solver++ on a flow teacher's sigmas."""
+        return with_unet(self.teacher_pipeline, student, self.path.progressive_sampler())
 
 
 METHODS = {"lcm": ConsistencyDistillation, "progressive": ProgressiveDistillation}
 
 
-def guided_teacher(unet, noisy, timesteps, text, empty, scales, alpha_cumprod, prediction_type, autocast):
+def guided_teacher(unet, path, noisy, points, text, empty, scales, autocast):
     """The original teacher's x̂₀ and ε̂ with classifier-free guidance u + g (c − u) at per-sample
     scales g, both passes as one batch."""
+    timesteps = path.model_timesteps(points)
     with autocast():
         both = unet(torch.cat([noisy, noisy]), torch.cat([timesteps, timesteps]), torch.cat([empty, text])).sample
     unconditional, conditional = both.float().chunk(2)
-    clean_u, noise_u = clean_and_noise(unconditional, noisy, alpha_cumprod, prediction_type)
-    clean_c, noise_c = clean_and_noise(conditional, noisy, alpha_cumprod, prediction_type)
+    coefficients = path.coefficients(points)
+    clean_u, noise_u = clean_and_noise(unconditional, noisy, *coefficients, path.prediction_type)
+    clean_c, noise_c = clean_and_noise(conditional, noisy, *coefficients, path.prediction_type)
     g = scales.view(-1, 1, 1, 1)
     return clean_u + g * (clean_c - clean_u), noise_u + g * (noise_c - noise_u)
 
 
-def two_step_target(start: torch.Tensor, end: torch.Tensor, alpha_cumprod_start: torch.Tensor,
-                    alpha_cumprod_end: torch.Tensor) -> torch.Tensor:
+def two_step_target(start: torch.Tensor, end: torch.Tensor, start_coefficients, end_coefficients) -> torch.Tensor:
     """The x̃ from which one DDIM step takes `start` (at t) to `end` (at t″, where the teacher's two
     steps landed): x̃ = (z_t″ − (σ_t″/σ_t) z_t) / (α_t″ − (σ_t″/σ_t) α_t)."""
-    alpha_t, sigma_t = alpha_cumprod_start.sqrt(), (1 - alpha_cumprod_start).sqrt()
-    alpha_e, sigma_e = alpha_cumprod_end.sqrt(), (1 - alpha_cumprod_end).sqrt()
+    (alpha_t, sigma_t), (alpha_e, sigma_e) = start_coefficients, end_coefficients
     ratio = (sigma_e / sigma_t).view(-1, 1, 1, 1)
     return (end - ratio * start) / (alpha_e.view(-1, 1, 1, 1) - ratio * alpha_t.view(-1, 1, 1, 1))
-
-
-def trailing_timesteps(steps: int, train_timesteps: int) -> torch.Tensor:
-    """The timesteps DDIMScheduler samples at with `timestep_spacing="trailing"`, first to last."""
-    return (torch.arange(train_timesteps, 0, -train_timesteps / steps).round() - 1).long()
 
 
 def draw_guidance(config: DistillConfig, count: int, generator: torch.Generator, device) -> torch.Tensor:

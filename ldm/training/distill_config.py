@@ -8,7 +8,6 @@ from typing import Literal, Optional
 
 from ldm.config import ConfigError, require
 from ldm.data.config import CacheConfig
-from ldm.diffusion.flow import flow_shift_of
 from ldm.training.config import HeldOutConfig, TrainConfig
 
 
@@ -89,10 +88,6 @@ class DistillConfig(TrainConfig, CacheConfig, HeldOutConfig):
 
 def check_teacher_schedule(teacher: str, schedule) -> None:
     """The teacher schedules the methods cannot distil, from the teacher's scheduler config."""
-    if flow_shift_of(schedule) is not None:
-        raise ConfigError(f"teacher {teacher!r} is a flow_prediction model: LCM and progressive distillation here "
-                          "step a DDPM schedule (alpha_cumprod), which a flow model has none of; distil an epsilon "
-                          "or v-prediction teacher")
     if schedule.get("rescale_betas_zero_snr") and schedule.get("prediction_type") == "epsilon":
         raise ConfigError(f"teacher {teacher!r} predicts epsilon on a zero-terminal-SNR schedule: x0 cannot "
                           "be recovered from its last timestep (alpha_cumprod 0); distil a v-prediction teacher")
