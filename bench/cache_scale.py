@@ -39,17 +39,12 @@ sys.path.insert(0, ROOT)
 from ldm.data.caches import latent_layout, text_layout  # noqa: E402
 from ldm.data.chunks import CacheLayout, ChunkedCache, chunk_file, write_chunk, write_manifest  # noqa: E402
 
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+from memory import rss_anon_mib  # noqa: E402
+
 LATENT = (1, 4, 8, 8)  # the demo's: 32 px through an f = 4 VAE
 TEXT = (24, 128)  # the demo's tokenizer context and text encoder width
 CHUNK_ROWS = 1024
-
-
-def rss_anon_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no RssAnon in /proc/self/status")
 
 
 # ---------------------------------------------------------------- scale

@@ -1,4 +1,4 @@
-"""The demo's two denoisers side by side: parameters, training and sampling images/s, and peak resident memory (VmHWM).
+"""The demo's two denoisers side by side: parameters, training and sampling images/s, and peak RssAnon.
 
     .venv/bin/python bench/denoisers.py [--repeats 3]
 
@@ -16,6 +16,9 @@ import statistics
 import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from memory import PeakRssAnon  # noqa: E402
 
 MODELS = {"UNet (unet_demo.json)": "configs/models/unet_demo.json",
           "PixArt (pixart_demo.json)": "configs/models/pixart_demo.json"}
@@ -48,11 +51,10 @@ def measure(path: str) -> dict:
             step()
         return images * count / (time.perf_counter() - started)
 
-    result = dict(parameters=sum(p.numel() for p in model.parameters()), train=rate(train_step, 128, 5),
-                  sample=rate(sample_step, 16, 20))
-    with open("/proc/self/status") as f:
-        result["peak_rss_mib"] = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
-    return result
+    with PeakRssAnon() as peak:
+        result = dict(parameters=sum(p.numel() for p in model.parameters()), train=rate(train_step, 128, 5),
+                      sample=rate(sample_step, 16, 20))
+    return dict(result, peak_rss_anon_mib=peak.mib)
 
 
 def main() -> None:
@@ -70,11 +72,11 @@ def main() -> None:
                                  check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
             runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
     print("| denoiser | parameters | training images/s (bf16, batch 128) | sampling images/s (CFG, batch 16) "
-          "| peak RSS (VmHWM) MiB |\n|---|---:|---:|---:|---:|")
+          "| peak RssAnon MiB |\n|---|---:|---:|---:|---:|")
     for name, results in runs.items():
         median = {key: statistics.median(r[key] for r in results) for key in results[0]}
         print(f"| {name} | {median['parameters'] / 1e6:.2f}M | {median['train']:.0f} | {median['sample']:.0f} | "
-              f"{median['peak_rss_mib']:.0f} |")
+              f"{median['peak_rss_anon_mib']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -45,6 +44,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 from adherence import Probe, adherence_at_5, draw  # noqa: E402
+from memory import PeakRssAnon  # noqa: E402
 
 from ldm.hub.files import LORA_WEIGHTS  # noqa: E402
 from ldm.lora_demo import STYLE_WORD, write_concept  # noqa: E402
@@ -72,17 +72,6 @@ def common_flags(base: str, data: str) -> list[str]:
             "--report_to", "none"]
 
 
-def rss_anon_mib(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) / 1024
-    except FileNotFoundError:
-        pass
-    return 0.0
-
-
 def train(flags: list[str], output_dir: str, steps: int, checkpoint: int = 100000) -> tuple[dict, float]:
     """One train_unet.py run of `steps` steps (checkpointing at `checkpoint`): its metrics with its wall
     minutes (start-up, caches and the final export included), and its peak RssAnon (MiB)."""
@@ -90,21 +79,12 @@ def train(flags: list[str], output_dir: str, steps: int, checkpoint: int = 10000
                "--checkpointing_steps", str(checkpoint)]
     started = time.perf_counter()
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    peak = [0.0]
-
-    def sample() -> None:
-        while process.poll() is None:
-            peak[0] = max(peak[0], rss_anon_mib(process.pid))
-            time.sleep(0.1)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    _, errors = process.communicate()
-    sampler.join()
+    with PeakRssAnon(process.pid, interval=0.1) as peak:
+        _, errors = process.communicate()
     if process.returncode:
         raise RuntimeError(f"train_unet.py failed:\n{errors[-3000:]}")
     metrics = json.load(open(os.path.join(output_dir, "metrics.json")))
-    return dict(metrics, minutes=(time.perf_counter() - started) / 60), peak[0]
+    return dict(metrics, minutes=(time.perf_counter() - started) / 60), peak.mib
 
 
 def concept(data: str, count: int = 100) -> tuple[torch.Tensor, list[int], list[str]]:

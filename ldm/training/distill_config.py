@@ -25,7 +25,8 @@ class DistillConfig(TrainConfig, CacheConfig, HeldOutConfig):
         "help": "the student's step count: the saved pipeline's default (lcm), or the count progressive "
                 "distillation halves down to"})
     num_ddim_timesteps: int = field(default=50, metadata={
-        "help": "lcm: the teacher's DDIM solver grid; also the most steps the student samples with"})
+        "help": "lcm: the teacher's DDIM solver grid; also the most steps the student samples with (a flow "
+                "teacher: one solver step spans 1/num_ddim_timesteps of its unshifted sigma range)"})
     teacher_steps: int = field(default=32, metadata={
         "help": "progressive: the DDIM steps of the first teacher; each stage halves them, down to "
                 "num_inference_steps, in an equal share of max_train_steps"})
@@ -38,7 +39,8 @@ class DistillConfig(TrainConfig, CacheConfig, HeldOutConfig):
         "help": "pseudo-Huber sqrt(d^2 + c^2) - c with c = huber_c, or L2"})
     huber_c: float = 0.001
     timestep_scaling: float = field(default=10.0, metadata={
-        "help": "the boundary scalings' timestep scale (LCMScheduler's timestep_scaling)"})
+        "help": "the boundary scalings' timestep scale (LCMScheduler's timestep_scaling); a flow student "
+                "needs no boundary scalings"})
     learning_rate: float = 1e-5
     use_ema: bool = field(default=True, metadata={"help": "the target network is the student's EMA: always on"})
     ema_decay: float = field(default=0.95, metadata={"help": "decay of the target network, the student's EMA"})
