@@ -5,8 +5,8 @@ rectified-flow objective, and a PixArt-style transformer in place of the UNet.
     .venv/bin/python bench/demo_choices.py --minutes 3.5 [--vae outputs/vae-demo] [--only bf16 ...]
 
 Every variant changes one option of the same base: configs/unet/demo.yaml with the choices the demo
-made before these were measured (fp32, scaled_linear, uniform, epsilon). The variant "demo.yaml" is the
-config as it stands. Each variant trains for the steps that fit in --minutes at its precision's speed,
+made before these were measured (fp32, scaled_linear, uniform, epsilon, min-SNR 5). The variant "demo.yaml"
+is the config as it stands. Each variant trains for the steps that fit in --minutes at its precision's speed,
 measured here first with a short run of each precision, so that its learning-rate schedule ends on time.
 The flow variants change demo.yaml itself and keep its 1,200 steps: the objective costs nothing per step
 (the same UNet, batch and precision), so equal steps are equal compute, whatever else runs on the machine.
@@ -33,7 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from adherence import Probe  # noqa: E402
 
 BASE = ["--mixed_precision", "no", "--beta_schedule", "scaled_linear", "--timestep_sampling", "uniform",
-        "--prediction_type", "epsilon", "--zero_terminal_snr", "false"]
+        "--prediction_type", "epsilon", "--zero_terminal_snr", "false", "--snr_gamma", "5"]
+EPSILON = ["--prediction_type", "epsilon", "--snr_gamma", "5"]  # demo.yaml's objective until flow was measured
 VARIANTS = {
     "base (scaled_linear, uniform, epsilon, fp32)": [],
     "linear": ["--beta_schedule", "linear"],
@@ -47,14 +48,16 @@ VARIANTS = {
     "demo.yaml": None,  # the config unchanged
 }
 # demo.yaml with SD3's objective (rectified flow, its logit-normal timesteps), at demo.yaml's own steps
-FLOW = ["--prediction_type", "flow_prediction"]
+FLOW = ["--prediction_type", "flow_prediction", "--snr_gamma", "5"]
+FLOW_NO_MIN_SNR = ["--prediction_type", "flow_prediction", "--snr_gamma", "0"]  # the demo's objective now
 FLOW_VARIANTS = {
+    "demo.yaml + epsilon, min-SNR 5 (the demo before flow)": EPSILON,
     "demo.yaml + flow, shift 1": FLOW,
     "demo.yaml + flow, shift 3": [*FLOW, "--flow_shift", "3"],
-    "demo.yaml + flow, shift 1, no min-SNR (SD3's)": [*FLOW, "--snr_gamma", "0"],
+    "demo.yaml + flow, shift 1, no min-SNR (SD3's)": FLOW_NO_MIN_SNR,
 }
 LEARNING_RATES = {"lr 4e-4": ["--learning_rate", "4e-4"], "lr 1.2e-3": ["--learning_rate", "1.2e-3"]}
-FLOW_VARIANTS.update({f"demo.yaml + flow, no min-SNR, {name}": [*FLOW, "--snr_gamma", "0", *flags]
+FLOW_VARIANTS.update({f"demo.yaml + flow, no min-SNR, {name}": [*FLOW_NO_MIN_SNR, *flags]
                       for name, flags in LEARNING_RATES.items()})
 
 UNET_CONFIG, TRANSFORMER_CONFIG = "configs/unet/demo.yaml", "configs/transformer/demo.yaml"
@@ -65,9 +68,8 @@ ARCHITECTURES = {  # changes to configs/models/pixart_demo.json; deep and wide h
     "16x128 (deep)": {"num_layers": 16, "num_attention_heads": 4, "cross_attention_dim": 128},
     "4x256 (wide)": {"num_layers": 4, "num_attention_heads": 8, "cross_attention_dim": 256},
 }
-FLOW_NO_MIN_SNR = [*FLOW, "--snr_gamma", "0"]
 TRANSFORMER_VARIANTS = {  # name: (architecture, flags on configs/transformer/demo.yaml)
-    "PixArt + epsilon (demo.yaml's objective)": ("8x192, patch 2", []),
+    "PixArt + epsilon (the demo's objective before flow)": ("8x192, patch 2", EPSILON),
     "PixArt + flow, no min-SNR": ("8x192, patch 2", FLOW_NO_MIN_SNR),
     "PixArt + flow, no min-SNR, lr 3e-4": ("8x192, patch 2", [*FLOW_NO_MIN_SNR, "--learning_rate", "3e-4"]),
     "PixArt + flow, no min-SNR, lr 1.5e-3": ("8x192, patch 2", [*FLOW_NO_MIN_SNR, "--learning_rate", "1.5e-3"]),
