@@ -71,7 +71,8 @@ def test_the_summary_shows_the_unets_held_out_loss_and_bound(tmp_path, monkeypat
 def test_the_summary_of_a_flow_model_shows_its_held_out_loss_and_no_bound(tmp_path, monkeypatch):
     """A flow model (the demo's objective) has a held-out loss but no DDPM bound in its metrics."""
     monkeypatch.chdir(tmp_path)
-    unet = {"global_step": 1200, "validation_loss": 0.4012, "best_validation_loss": 0.4012, "best_validation_step": 1200}
+    unet = {"global_step": 1200, "validation_loss": 0.4012, "best_validation_loss": 0.4012,
+            "best_validation_step": 1200}
     for folder, metrics in ((demo.VAE_DIR, {"psnr": 24.4, "global_step": 1500}), (demo.UNET_DIR, unet)):
         os.makedirs(folder)
         json.dump(metrics, open(os.path.join(folder, "metrics.json"), "w"))
